@@ -1,0 +1,463 @@
+"""ImageNet data on disk: readers for the standard layouts, image loading, content digests.
+
+Three layouts are read:
+
+- *train* layout: `<root>/<wnid>/<image>`, labelled by the wnid's line in `synsets.txt`;
+- *val* layout: flat image files plus `val.txt` with lines `<file name> <0-based class index>`;
+- *unlabelled*: every image under a folder, searched recursively (a camera's frames are often
+  kept in per-day or per-camera subfolders), label None.
+
+Scanning never decodes images: it lists files and reports what it skipped (unknown class
+folders, non-image files, bad `val.txt` lines) in `DatasetScan.problems`. `load_images` and
+`iter_batches` decode; a file that cannot be decoded completely is skipped and named, never a
+crash. Records are always sorted by path, so results never depend on the filesystem's listing
+order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from calibration.preprocess import Preprocessing
+from pipeline.errors import PipelineError
+
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+VAL_LABELS_FILE = "val.txt"
+SYNSETS_FILE = "synsets.txt"
+# Folder names tried, in order, under an ImageNet root.
+CALIBRATION_FOLDERS = ("train-sample", "train")
+EVALUATION_FOLDERS = ("val",)
+
+_WNID = re.compile(r"n\d{8}")
+_TRAIN_EXPECTED = "expected <wnid>/<image> subfolders (ImageNet train layout)"
+_VAL_EXPECTED = f"expected image files plus {VAL_LABELS_FILE} with lines '<file name> <class index>'"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    label: int | None = None  # 0-based class index in synsets.txt order; None when unlabelled
+
+
+class Skipped(NamedTuple):
+    """A file (or val.txt line) left out, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class Synset(NamedTuple):
+    wnid: str
+    name: str  # the full text after the wnid: "tench, Tinca tinca"
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split(",")[0].strip()
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """The images found under one folder, sorted by path, plus what was skipped."""
+
+    root: Path
+    layout: str  # "train", "val" or "unlabelled"
+    records: tuple[ImageRecord, ...]
+    problems: tuple[Skipped, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return _labels_array(self.records)
+
+    @property
+    def num_classes_present(self) -> int:
+        return len({r.label for r in self.records if r.label is not None})
+
+
+@dataclass(frozen=True)
+class ImageNetData:
+    """An ImageNet root: the class list, a calibration scan and a held-out evaluation scan."""
+
+    root: Path
+    synsets: tuple[Synset, ...]
+    calibration: DatasetScan | None
+    evaluation: DatasetScan | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return [s.short_name for s in self.synsets]
+
+    @property
+    def wnids(self) -> list[str]:
+        return [s.wnid for s in self.synsets]
+
+
+@dataclass(frozen=True)
+class LoadedImages:
+    """Decoded, resized and center-cropped images (uint8, NxHxWx3) with their labels."""
+
+    crops: np.ndarray  # (N, crop, crop, 3) uint8
+    labels: np.ndarray  # (N,) int64, -1 where unlabelled
+    records: tuple[ImageRecord, ...]  # the records kept, in the order of `crops`
+    skipped: tuple[Skipped, ...]  # files that could not be decoded
+    preprocessing: Preprocessing
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def inputs(self) -> np.ndarray:
+        """The network input: float32 NCHW, normalised."""
+        return self.preprocessing.normalize(self.crops)
+
+
+# ---------------------------------------------------------------------------- reading layouts
+
+
+def read_synsets(path: str | os.PathLike) -> list[Synset]:
+    """`synsets.txt`: line i (0-based) is class i, `<wnid> <name>[, <synonym>...]`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"class list not found: {path} (expected one '<wnid> <name>' line per class)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    synsets: list[Synset] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        wnid, _, name = line.strip().partition(" ")
+        if not _WNID.fullmatch(wnid) or not name.strip():
+            # Line i is class i: a bad line would shift every later label, so it is an error.
+            raise PipelineError(f"{path}:{number}: expected '<wnid> <name>', got {line.strip()!r}")
+        if wnid in seen:
+            raise PipelineError(f"{path}:{number}: {wnid} is listed twice (first on line {seen[wnid]})")
+        seen[wnid] = number
+        synsets.append(Synset(wnid, name.strip()))
+    if not synsets:
+        raise PipelineError(f"class list is empty: {path} (expected one '<wnid> <name>' line per class)")
+    return synsets
+
+
+def read_train_layout(root: str | os.PathLike, wnids: Sequence[str]) -> DatasetScan:
+    """`<root>/<wnid>/<image>`; folders whose name is not in `wnids` are skipped and reported."""
+    root = _existing_folder(root, _TRAIN_EXPECTED)
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    records: list[ImageRecord] = []
+    problems: list[Skipped] = []
+    for entry in _sorted_entries(root):
+        if not entry.is_dir():
+            problems.append(Skipped(entry, "not inside a class folder, skipped"))
+        elif entry.name not in index:
+            problems.append(Skipped(entry, "folder name is not a wnid of the class list, skipped"))
+        else:
+            for file in _sorted_entries(entry):
+                if _is_image_file(file):
+                    records.append(ImageRecord(file, index[entry.name]))
+                else:
+                    problems.append(Skipped(file, _not_an_image_reason(file)))
+    return _checked_scan(root, "train", records, problems, _TRAIN_EXPECTED)
+
+
+def read_val_layout(
+    root: str | os.PathLike, num_classes: int = 1000, labels_file: str = VAL_LABELS_FILE
+) -> DatasetScan:
+    """Flat image files plus `val.txt`; bad lines and unlisted images are skipped and reported."""
+    root = _existing_folder(root, _VAL_EXPECTED)
+    labels_path = root / labels_file
+    if not labels_path.is_file():
+        raise PipelineError(f"no {labels_file} in {root}: {_VAL_EXPECTED}")
+    records: dict[str, ImageRecord] = {}
+    problems: list[Skipped] = []
+    mentioned: set[str] = set()  # names on any line, good or bad: not reported again as unlisted
+    for number, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            mentioned.add(line.strip().rsplit(maxsplit=1)[0])
+            record, problem = _parse_val_line(line, root, num_classes, records)
+            if problem:
+                problems.append(Skipped(labels_path, f"line {number}: {problem}, skipped"))
+            else:
+                records[record.path.name] = record
+    for file in _sorted_entries(root):
+        if file.name == labels_file or file.name in mentioned:
+            continue
+        if _is_image_file(file):
+            problems.append(Skipped(file, f"not listed in {labels_file} (no label), skipped"))
+        else:
+            problems.append(Skipped(file, _not_an_image_reason(file)))
+    ordered = sorted(records.values(), key=lambda r: r.path)
+    return _checked_scan(root, "val", ordered, problems, _VAL_EXPECTED)
+
+
+def read_unlabelled_folder(root: str | os.PathLike) -> DatasetScan:
+    """Every image under `root`, recursively (subfolders per camera or per day), label None."""
+    expected = "expected image files (.jpg, .png, ...) in it or its subfolders"
+    root = _existing_folder(root, expected)
+    records: list[ImageRecord] = []
+    problems: list[Skipped] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            file = Path(dirpath) / name
+            if _is_image_file(file):
+                records.append(ImageRecord(file, None))
+            else:
+                problems.append(Skipped(file, _not_an_image_reason(file)))
+    records.sort(key=lambda r: r.path)
+    return _checked_scan(root, "unlabelled", records, problems, expected)
+
+
+def detect_layout(folder: str | os.PathLike) -> str:
+    """"val" when `val.txt` is present, "train" when it holds wnid folders, else "unlabelled"."""
+    folder = Path(folder)
+    if (folder / VAL_LABELS_FILE).is_file():
+        return "val"
+    if folder.is_dir() and any(e.is_dir() and _WNID.fullmatch(e.name) for e in folder.iterdir()):
+        return "train"
+    return "unlabelled"
+
+
+def scan_folder(folder: str | os.PathLike, synsets: Sequence[Synset] | None = None) -> DatasetScan:
+    """Read a folder in whichever layout it has; `synsets` is looked up beside it when not given."""
+    folder = Path(folder)
+    layout = detect_layout(folder)
+    if layout == "unlabelled":
+        return read_unlabelled_folder(folder)
+    if synsets is None:
+        synsets_path = _find_synsets(folder)
+        if synsets_path is None:
+            if layout == "train":
+                raise PipelineError(
+                    f"no {SYNSETS_FILE} in {folder} or its parent: the class folders need it to get "
+                    "their class indices; put the ImageNet class list there"
+                )
+        else:
+            synsets = read_synsets(synsets_path)
+    if layout == "train":
+        return read_train_layout(folder, [s.wnid for s in synsets])
+    return read_val_layout(folder, num_classes=len(synsets) if synsets else 1000)
+
+
+def open_imagenet(root: str | os.PathLike) -> ImageNetData:
+    """An ImageNet root (`synsets.txt`, `train-sample/` or `train/`, `val/`), or one layout folder.
+
+    Pointed at a train-layout folder, that folder becomes the calibration scan and `evaluation`
+    is None; pointed at a val-layout folder, it becomes the evaluation scan and `calibration` is
+    None. `synsets.txt` is looked up in the folder itself and then in its parent.
+    """
+    root = _existing_folder(root, f"expected an ImageNet folder with {SYNSETS_FILE}, train-sample/ and val/")
+    synsets_path = _find_synsets(root)
+    synsets = tuple(read_synsets(synsets_path)) if synsets_path else ()
+
+    layout = detect_layout(root)
+    if layout == "train":
+        return ImageNetData(root, synsets, scan_folder(root, synsets or None), None)
+    if layout == "val":
+        return ImageNetData(root, synsets, None, scan_folder(root, synsets or None))
+
+    calibration_dir = next((root / n for n in CALIBRATION_FOLDERS if (root / n).is_dir()), None)
+    evaluation_dir = next((root / n for n in EVALUATION_FOLDERS if (root / n).is_dir()), None)
+    if calibration_dir is None and evaluation_dir is None:
+        raise PipelineError(
+            f"{root} is not an ImageNet folder: expected {SYNSETS_FILE} with train-sample/ (or train/) "
+            f"and val/, a folder of <wnid>/ subfolders, or a folder with {VAL_LABELS_FILE}"
+        )
+    if not synsets:
+        raise PipelineError(f"no {SYNSETS_FILE} in {root}: put the ImageNet class list there")
+    calibration = scan_folder(calibration_dir, synsets) if calibration_dir else None
+    evaluation = scan_folder(evaluation_dir, synsets) if evaluation_dir else None
+    return ImageNetData(root, synsets, calibration, evaluation)
+
+
+# ---------------------------------------------------------------------------- loading images
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode a whole image file as 8-bit RGB; raises on unreadable or truncated files."""
+    # PIL fills a truncated file's missing rows with grey when this global is True; never here.
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(path) as image:
+            image.load()  # Image.open only reads the header: decode everything now
+            return _to_rgb(image)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def iter_batches(
+    records: Iterable[ImageRecord], preprocessing: Preprocessing, batch_size: int = 32
+) -> Iterator[LoadedImages]:
+    """Decode + crop in batches of `batch_size` kept images (the last one may be smaller).
+
+    Undecodable files are skipped and named in the `skipped` of the batch where they were met;
+    a final batch may hold no image at all, only skipped files.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    crops: list[np.ndarray] = []
+    kept: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for record in records:
+        try:
+            image = open_rgb(record.path)
+        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            skipped.append(Skipped(record.path, _one_line(error)))
+            continue
+        crops.append(preprocessing.crop_uint8(image))
+        kept.append(record)
+        if len(kept) == batch_size:
+            yield _batch(crops, kept, skipped, preprocessing)
+            crops, kept, skipped = [], [], []
+    if kept or skipped:
+        yield _batch(crops, kept, skipped, preprocessing)
+
+
+def load_images(records: Iterable[ImageRecord], preprocessing: Preprocessing) -> LoadedImages:
+    """Decode + crop every record at once (uint8: 512 images of 299x299 take 137 MB)."""
+    batches = list(iter_batches(records, preprocessing, batch_size=256))
+    return LoadedImages(
+        crops=np.concatenate([b.crops for b in batches]) if batches else _empty_crops(preprocessing),
+        labels=np.concatenate([b.labels for b in batches]) if batches else np.zeros(0, np.int64),
+        records=tuple(r for b in batches for r in b.records),
+        skipped=tuple(s for b in batches for s in b.skipped),
+        preprocessing=preprocessing,
+    )
+
+
+# ---------------------------------------------------------------------------- content digests
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    stat = os.stat(path)
+    return _file_sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def records_digest(records: Iterable[ImageRecord]) -> str:
+    """A cache key for an image list: sha256 over each image's content hash and label, in order.
+
+    File contents, not paths or mtimes, identify the images: the key survives moving or copying
+    the dataset, and changes when any image is replaced. Order counts because calibration
+    consumes the images in order (the sampling order is itself deterministic).
+    (1650 ImageNet JPEGs, 128 MB, hash in about 0.2 s from the page cache.)
+    """
+    digest = hashlib.sha256(b"image-list-v1\n")
+    for record in records:
+        label = "-" if record.label is None else str(record.label)
+        digest.update(f"{file_sha256(record.path)} {label}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _parse_val_line(
+    line: str, root: Path, num_classes: int, seen: dict[str, ImageRecord]
+) -> tuple[ImageRecord | None, str | None]:
+    """One `val.txt` line -> (record, None), or (None, what is wrong with it)."""
+    # rsplit: a file name may contain spaces, the class index never does.
+    fields = line.strip().rsplit(maxsplit=1)
+    if len(fields) != 2 or not re.fullmatch(r"-?\d+", fields[1]):
+        return None, f"expected '<file name> <class index>', got {line.strip()!r}"
+    name, label = fields[0], int(fields[1])
+    if Path(name).name != name or name in (".", ".."):
+        return None, f"{name!r} is not a plain file name in {root}"
+    if not 0 <= label < num_classes:
+        return None, f"class index {label} is outside 0..{num_classes - 1}"
+    if name in seen:
+        return None, f"{name} is listed more than once (the first line wins)"
+    if not (root / name).is_file():
+        return None, f"{name} does not exist in {root}"
+    return ImageRecord(root / name, label), None
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_sha256_cached(resolved_path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(resolved_path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # PIL's convert("RGB") clips 16-bit greyscale at 255 instead of scaling it (a white image).
+    # Pillow >= 10.? opens 16-bit PNGs as "I;16", older ones as "I" (hence the range test).
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        scale = 257 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1
+        image = Image.fromarray(np.clip(values // scale, 0, 255).astype(np.uint8))
+    # Greyscale, palette, CMYK and alpha images: plain convert, as torchvision's loader does.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _batch(crops, kept, skipped, preprocessing: Preprocessing) -> LoadedImages:
+    return LoadedImages(
+        crops=np.stack(crops) if crops else _empty_crops(preprocessing),
+        labels=_labels_array(kept),
+        records=tuple(kept),
+        skipped=tuple(skipped),
+        preprocessing=preprocessing,
+    )
+
+
+def _empty_crops(preprocessing: Preprocessing) -> np.ndarray:
+    return np.zeros((0, preprocessing.crop, preprocessing.crop, 3), np.uint8)
+
+
+def _labels_array(records: Iterable[ImageRecord]) -> np.ndarray:
+    return np.asarray([-1 if r.label is None else r.label for r in records], dtype=np.int64)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or "no detail"
+    return f"cannot decode ({type(error).__name__}: {text}), skipped"
+
+
+def _existing_folder(root: str | os.PathLike, expected: str) -> Path:
+    root = Path(root)
+    if not root.exists():
+        raise PipelineError(f"folder not found: {root} ({expected})")
+    if not root.is_dir():
+        raise PipelineError(f"not a folder: {root} ({expected})")
+    return root
+
+
+def _checked_scan(root: Path, layout: str, records, problems, expected: str) -> DatasetScan:
+    if not records:
+        detail = f"; first problem: {problems[0]}" if problems else ""
+        raise PipelineError(f"no usable images in {root}: {expected}{detail}")
+    return DatasetScan(root, layout, tuple(records), tuple(problems))
+
+
+def _sorted_entries(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir())
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _not_an_image_reason(path: Path) -> str:
+    if path.is_dir():
+        return "unexpected subfolder, skipped"
+    return f"not an image file ({path.suffix or 'no suffix'}), skipped"
+
+
+def _find_synsets(folder: Path) -> Path | None:
+    for candidate in (folder / SYNSETS_FILE, folder.parent / SYNSETS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,0 +1,358 @@
+"""Runs a model's stage graph: cache lookups, building, a drift check after every stage, the manifest."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import platform
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.cache import ArtifactCache, StageRecord, sha256_file, stable_hash, write_json_atomic
+from pipeline.config import Config
+from pipeline.drift import DriftResult, compare
+from pipeline.errors import DriftError, PipelineError
+from pipeline.progress import Reporter
+from pipeline.stages import DEPLOYED_STAGE, LOGITS_FILE, Stage, cpu_stages
+
+
+def tool_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _code_hash(stage: Stage) -> str:
+    """Hash of the source files that implement a stage: editing them invalidates its cache."""
+    files = {inspect.getsourcefile(stage.produce)}
+    if stage.runner is not None:
+        files.add(inspect.getsourcefile(stage.runner))
+    return stable_hash(sorted(sha256_file(Path(f)) for f in files))
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Preprocessed images with labels (-1 where unknown) and the digest of the file list."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    digest: str
+    files: tuple[str, ...]
+
+
+class BuildContext:
+    """Everything a build reads, loaded only when a stage that needs it must actually run."""
+
+    def __init__(self, config: Config, model_name: str, reporter: Reporter):
+        from calibration import datasets
+        from pipeline.models import get_spec
+
+        self.config = config
+        self.model_name = model_name
+        self.spec = get_spec(model_name)
+        self.reporter = reporter
+        self.threads = config.openvino.threads or os.cpu_count() or 1
+        self.preprocessing = self.spec.preprocessing
+        if config.network.input_size:
+            self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
+        self.imagenet = datasets.open_imagenet(Path(config.data.imagenet))
+        for problem in self.imagenet.problems:
+            reporter.warn(problem)
+
+    def progress(self, what: str):
+        return self.reporter.progress(what)
+
+    @cached_property
+    def selection(self):
+        from calibration import sampling
+
+        seed = self.config.data.seed
+        evaluation = sampling.select_balanced(self.imagenet.evaluation.records, self.config.data.evaluation_images, seed)
+        calibration = sampling.select_balanced(self.imagenet.calibration.records, self.config.data.calibration_images, seed)
+        sampling.assert_disjoint(calibration, evaluation)
+        return calibration, evaluation
+
+    def _load(self, records, what: str) -> ImageSet:
+        from calibration import datasets
+
+        loaded = datasets.load_images(records, self.preprocessing, progress=self.progress(what))
+        for path, reason in loaded.skipped:
+            self.reporter.warn(f"skipped {path}: {reason}")
+        labels = loaded.labels if self.uses_imagenet_labels else np.full(len(loaded.labels), -1, np.int64)
+        digest = datasets.records_digest(loaded.records)
+        return ImageSet(self.preprocessing.normalize(loaded.crops), labels, digest, tuple(str(r.path) for r in loaded.records))
+
+    @cached_property
+    def evaluation(self) -> ImageSet:
+        return self._load(self.selection[1], "loading evaluation images")
+
+    @cached_property
+    def evaluation_digest(self) -> str:
+        from calibration import datasets
+
+        return datasets.records_digest(self.selection[1])
+
+    @cached_property
+    def calibration(self) -> ImageSet:
+        return self._load(self.selection[0], "loading calibration images")
+
+    @property
+    def uses_imagenet_labels(self) -> bool:
+        """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
+        return self.config.network.num_classes in (0, 1000) and not self.config.network.labels
+
+    @cached_property
+    def weights_identity(self) -> dict:
+        """What the weights are, for cache keys, without loading torch."""
+        from pipeline import weights
+
+        source = weights.resolve_weights(self.model_name, self.config.weights)
+        identity = {"source": source.kind}
+        if source.path is not None:
+            identity["sha256"] = sha256_file(source.path)
+        if source.kind == "random":
+            identity.update(seed=self.config.data.seed, calibration=self.calibration_digest)
+        return identity
+
+    @cached_property
+    def calibration_digest(self) -> str:
+        from calibration import datasets
+
+        return datasets.records_digest(self.selection[0])
+
+    @property
+    def random_weights(self) -> bool:
+        return self.config.weights == "random"
+
+    @cached_property
+    def model(self):
+        from pipeline import weights
+
+        network = self.config.network
+        batches = None
+        if self.random_weights:
+            inputs = self.calibration.inputs
+            size = self.config.data.batch_size * 4
+            batches = [inputs[i : i + size] for i in range(0, len(inputs), size)]
+        with self.reporter.status(f"loading {self.model_name} ({self.config.weights} weights)"):
+            return weights.load_model(
+                self.model_name,
+                self.config.weights,
+                num_classes=network.num_classes or None,
+                input_size=network.input_size or None,
+                residual_scales=network.residual_scales or None,
+                bn_batches=batches,
+                seed=self.config.data.seed,
+            )
+
+    def model_options(self) -> dict:
+        network = self.config.network
+        return {
+            "model": self.model_name,
+            "num_classes": network.num_classes,
+            "input_size": self.preprocessing.crop,
+            "residual_scales": list(network.residual_scales),
+        }
+
+
+def stage_key(stage: Stage, ctx: BuildContext, records: dict[str, StageRecord]) -> str:
+    parts = {
+        "stage": stage.name,
+        "params": stage.params,
+        "inputs": {name: records[name].key for name in stage.inputs},
+        "tools": {tool: tool_version(tool) for tool in stage.tools},
+        "code": _code_hash(stage),
+    }
+    if stage.uses_weights:
+        parts["weights"] = ctx.weights_identity
+        parts["model"] = ctx.model_options()
+    if stage.uses_evaluation_images:
+        parts["evaluation"] = ctx.evaluation_digest
+        parts["preprocessing"] = ctx.preprocessing.as_dict()
+    return stable_hash(parts)
+
+
+class Builder:
+    """Builds one model for one target, stage by stage."""
+
+    def __init__(self, config: Config, model_name: str, reporter: Reporter, force: bool = False):
+        self.config = config
+        self.reporter = reporter
+        self.force = force
+        self.ctx = BuildContext(config, model_name, reporter)
+        self.root = Path(config.build_dir) / model_name / config.target
+        self.cache = ArtifactCache(self.root)
+        self.stages = cpu_stages(config)
+        self._precision_ran: dict[str, str] = {}
+
+    def run(self) -> dict:
+        self._prepare_root()
+        self.cache.sweep_leftovers()
+        records: dict[str, StageRecord] = {}
+        drift: dict[str, DriftResult] = {}
+        built: list[str] = []
+        started = time.perf_counter()
+        for stage in self.stages:
+            records[stage.name], was_built = self._stage(stage, records)
+            if was_built:
+                built.append(stage.name)
+            if stage.runner is not None:
+                result = self._check(stage, records)
+                drift[stage.name] = result
+                self.reporter.drift_line(result)
+                if not result.passed:
+                    manifest = self._manifest(records, drift, built, time.perf_counter() - started, failed=stage.name)
+                    write_json_atomic(self.root / "manifest.json", manifest)
+                    raise DriftError(f"{self.ctx.model_name}: stage '{stage.name}' is over its drift budget: {'; '.join(result.failures)}")
+        self._write_labels(np.load(records["reference"].path(LOGITS_FILE)).shape[1])
+        manifest = self._manifest(records, drift, built, time.perf_counter() - started)
+        write_json_atomic(self.root / "manifest.json", manifest)
+        return manifest
+
+    def _prepare_root(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise PipelineError(f"build directory {self.root} cannot be written ({error.strerror}): choose another with --build-dir") from None
+
+    def _stage(self, stage: Stage, records: dict[str, StageRecord]) -> tuple[StageRecord, bool]:
+        key = stage_key(stage, self.ctx, records)
+        if not self.force:
+            lookup = self.cache.lookup(stage.name, key)
+            if lookup.record is not None:
+                self.reporter.stage_cached(stage)
+                return lookup.record, False
+            reason = lookup.reason
+        else:
+            reason = "--force"
+        started = time.perf_counter()
+        with self.reporter.stage_running(stage, reason):
+            with self.cache.building(stage.name) as folder:
+                info = stage.produce(self.ctx, records, folder)
+                seconds = round(time.perf_counter() - started, 2)
+                info = {
+                    "description": stage.description,
+                    "artifact": stage.artifact,
+                    "inputs": {name: records[name].key for name in stage.inputs},
+                    "params": stage.params,
+                    "tools": {tool: tool_version(tool) for tool in stage.tools},
+                    "seconds": seconds,
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **info,
+                }
+                record = self.cache.commit(stage.name, key, folder, info)
+        self.reporter.stage_built(stage, seconds)
+        return record, True
+
+    def _check(self, stage: Stage, records: dict[str, StageRecord]) -> DriftResult:
+        """Run the artifact on the evaluation images (cached like a stage) and compare with torch."""
+        record = records[stage.name]
+        reference = np.load(records["reference"].path(LOGITS_FILE))
+        check_name = f"check_{stage.name}"
+        key = stable_hash({
+            "artifact": record.key,
+            "evaluation": records["reference"].key,
+            "settings": stage.check_settings,
+            "code": _code_hash(stage),
+        })
+        lookup = self.cache.lookup(check_name, key) if not self.force else None
+        if lookup is not None and lookup.record is not None:
+            checked = lookup.record
+        else:
+            with self.cache.building(check_name) as folder:
+                runner = stage.runner(self.ctx, record)
+                from pipeline.runners import predict
+
+                logits = predict(runner, self.ctx.evaluation.inputs, self.config.data.batch_size,
+                                 progress=self.ctx.progress(f"checking {stage.name}"))
+                np.save(folder / LOGITS_FILE, logits)
+                np.save(folder / "labels.npy", self.ctx.evaluation.labels)
+                info = {"runner": runner.name, "precision_ran": getattr(runner, "execution_precision", "fp32")}
+                checked = self.cache.commit(check_name, key, folder, info)
+        logits = np.load(checked.path(LOGITS_FILE))
+        labels = np.load(checked.path("labels.npy"))
+        budget = self.config.budget(stage.name, self.ctx.random_weights)
+        result = compare(stage.name, reference, logits, labels, budget)
+        self._precision_ran[stage.name] = checked.data.get("precision_ran")
+        return result
+
+    def _write_labels(self, num_classes: int) -> None:
+        """Every artifact carries its labels.txt: the user's file, or ImageNet's class names."""
+        if self.config.network.labels:
+            source = Path(self.config.network.labels)
+            try:
+                names = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+            except OSError as error:
+                raise PipelineError(f"{source}: cannot read the labels file ({error.strerror})") from None
+        else:
+            names = list(self.ctx.imagenet.class_names)
+        if len(names) != num_classes:
+            raise PipelineError(f"labels: {len(names)} names for a {num_classes}-class network: pass --labels with one name per class")
+        text = "".join(f"{name}\n" for name in names)
+        path = self.root / "labels.txt"
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(".txt.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def _manifest(self, records, drift, built, seconds, failed: str | None = None) -> dict:
+        ctx = self.ctx
+        deployed = DEPLOYED_STAGE[self.config.precision]
+        return {
+            "pipeline_version": __version__,
+            "model": ctx.model_name,
+            "target": self.config.target,
+            "precision": self.config.precision,
+            "status": f"failed at {failed}" if failed else "ok",
+            "deployed": {
+                "stage": deployed,
+                "artifact": f"{deployed}/{records[deployed].data['artifact']}" if deployed in records else None,
+                "inference_precision": "f32" if self.config.precision == "fp32" else self.config.openvino.inference_precision,
+            },
+            "weights": {**ctx.weights_identity, "random": ctx.random_weights,
+                        "note": "random weights: accuracy figures are meaningless; drift is judged on mean-centred logits"
+                        if ctx.random_weights else ""},
+            "preprocessing": ctx.preprocessing.as_dict(),
+            "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop},
+            "labels": "labels.txt",
+            "evaluation_images": len(np.load(records["reference"].path(LOGITS_FILE))) if "reference" in records else 0,
+            "seed": self.config.data.seed,
+            "host": {"python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_name()},
+            "seconds": round(seconds, 2),
+            "built_this_run": built,
+            "stages": {
+                name: {
+                    "folder": name,
+                    "key": record.key,
+                    "artifact": record.data.get("artifact"),
+                    "files": record.data.get("files"),
+                    "tools": record.data.get("tools"),
+                    "params": record.data.get("params"),
+                    "built_at": record.data.get("built_at"),
+                    "build_seconds": record.data.get("seconds"),
+                    "precision_ran": self._precision_ran.get(name),
+                    "drift": drift[name].as_dict() if name in drift else None,
+                }
+                for name, record in records.items()
+            },
+        }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

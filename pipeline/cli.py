@@ -1,0 +1,177 @@
+"""Command line: `python -m pipeline build | stages | clean`.
+
+Every user error is one line on stderr and exit code 2; a stage over its drift budget exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+TARGET_CHOICES = ("cpu", "jetson", "desktop-gpu")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
+    parser = _Parser(prog="python -m pipeline", description=(
+        "Compile Inception-v4 / Inception-ResNet ImageNet classifiers for edge devices, checking "
+        "accuracy drift against the torch FP32 reference after every stage."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    common = _Parser(add_help=False)
+    common.add_argument("--config", type=Path, help="a pipeline.yaml whose keys override the defaults")
+    common.add_argument("--target", choices=TARGET_CHOICES, help="where the artifact runs (default: pipeline.yaml's target)")
+    common.add_argument("--model", action="append", metavar="NAME",
+                        help="network to build; repeat for several, or 'all' (default: pipeline.yaml's models)")
+    common.add_argument("--build-dir", type=Path, help="artifact folder (default: build)")
+
+    build = commands.add_parser("build", parents=[common], help="run the stages of a target (cached)")
+    build.add_argument("--precision", choices=("fp32", "fp16"), help="precision the artifact is deployed in")
+    build.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root with synsets.txt, train-sample/, val/")
+    build.add_argument("--weights", help="imagenet, random, or a .safetensors / .pth / .pt checkpoint")
+    build.add_argument("--num-classes", type=int, help="classes of a fine-tuned head (default: read from the checkpoint)")
+    build.add_argument("--labels", type=Path, help="labels file of a fine-tuned network, one class name per line")
+    build.add_argument("--input-size", type=int, help="input resolution of a fine-tuned network")
+    build.add_argument("--eval-images", type=int, help="evaluation images per drift check (default 64)")
+    build.add_argument("--force", action="store_true", help="rebuild every stage, ignoring the cache")
+    build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
+
+    stages = commands.add_parser("stages", parents=[common], help="list the stages of a target and their cache state")
+    stages.add_argument("--json", action="store_true", help="print as JSON")
+
+    commands.add_parser("clean", parents=[common], help="delete the artifacts of the given models and target")
+    return parser
+
+
+def _config(args):
+    from pipeline.config import load_config
+
+    overrides: dict = {}
+    if args.target:
+        overrides["target"] = args.target
+    if args.build_dir:
+        overrides["build_dir"] = str(args.build_dir)
+    if args.model:
+        overrides["models"] = list(args.model)
+    for option, key in (("precision", "precision"), ("weights", "weights")):
+        if getattr(args, option, None):
+            overrides[key] = getattr(args, option)
+    network = {}
+    for option in ("num_classes", "input_size"):
+        if getattr(args, option, None) is not None:
+            if getattr(args, option) < 1:
+                raise PipelineError(f"--{option.replace('_', '-')} must be a positive number")
+            network[option] = getattr(args, option)
+    if getattr(args, "labels", None):
+        network["labels"] = str(args.labels)
+    if network:
+        overrides["network"] = network
+    data = {}
+    if getattr(args, "imagenet", None):
+        data["imagenet"] = str(args.imagenet)
+    if getattr(args, "eval_images", None) is not None:
+        data["evaluation_images"] = args.eval_images
+    if data:
+        overrides["data"] = data
+    if args.target in ("jetson", "desktop-gpu"):
+        raise PipelineError(f"--target {args.target}: TensorRT targets are not available in this version yet; use --target cpu")
+    config = load_config(args.config, overrides)
+    return config, _model_names(config)
+
+
+def _model_names(config) -> list[str]:
+    from pipeline.models import MODELS, get_spec
+
+    names: list[str] = []
+    for name in config.models:
+        for each in (MODELS if name == "all" else [name]):
+            get_spec(each)  # a clear error for an unknown name
+            if each not in names:
+                names.append(each)
+    return names
+
+
+def _build(args) -> int:
+    import os
+
+    from pipeline.build import Builder
+    from pipeline.progress import Reporter
+
+    config, names = _config(args)
+    if "IMAGENET_DIR" in os.environ and not args.imagenet:
+        from dataclasses import replace
+
+        config = replace(config, data=replace(config.data, imagenet=os.environ["IMAGENET_DIR"]))
+    reporter = Reporter()
+    manifests = {}
+    for name in names:
+        reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}, {config.weights} weights)")
+        manifest = Builder(config, name, reporter, force=args.force).run()
+        manifests[name] = manifest
+        built = manifest["built_this_run"]
+        reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
+        reporter.drift_table(name, manifest)
+        root = Path(config.build_dir) / name / config.target
+        reporter.say(f"  artifacts: {root}/ (deployed: {manifest['deployed']['artifact']})")
+    if args.json:
+        print(json.dumps(manifests, indent=2, default=str))
+    return 0
+
+
+def _stages(args) -> int:
+    from pipeline.cache import MARKER
+    from pipeline.stages import cpu_stages
+
+    config, names = _config(args)
+    rows = []
+    for name in names:
+        root = Path(config.build_dir) / name / config.target
+        for stage in cpu_stages(config):
+            done = (root / stage.name / MARKER).exists()
+            rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
+                         "description": stage.description, "built": done,
+                         "checked_against_reference": stage.runner is not None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            state = "built" if row["built"] else "not built"
+            after = f" ← {', '.join(row['inputs'])}" if row["inputs"] else ""
+            print(f"{row['model']:<20} {row['stage']:<14} {state:<10} {row['description']}{after}")
+    return 0
+
+
+def _clean(args) -> int:
+    config, names = _config(args)
+    for name in names:
+        root = Path(config.build_dir) / name / config.target
+        if root.exists():
+            shutil.rmtree(root)
+            print(f"removed {root}")
+        else:
+            print(f"nothing to remove at {root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"build": _build, "stages": _stages, "clean": _clean}[args.command](args)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept, the unfinished one will be rebuilt", file=sys.stderr)
+        return 130

@@ -1,0 +1,232 @@
+"""Typed build configuration read from `pipeline.yaml`.
+
+The packaged `pipeline.yaml` holds every default; a user's file is merged over it key by key.
+Unknown keys, wrong types and bad YAML each give one PipelineError naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from pipeline.drift import DriftBudget
+from pipeline.errors import PipelineError
+
+TARGETS = ("cpu",)
+PRECISIONS = ("fp32", "fp16")
+OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "f16")
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    num_classes: int = 0
+    input_size: int = 0
+    labels: str = ""
+    residual_scales: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    imagenet: str = "../shared/imagenet"
+    calibration_images: int = 512
+    evaluation_images: int = 64
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    threads: int = 0
+    inference_precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    build_dir: str
+    models: tuple[str, ...]
+    target: str
+    precision: str
+    weights: str
+    network: NetworkOptions
+    data: DataOptions
+    export: ExportOptions
+    openvino: OpenVinoOptions
+    drift: dict[str, DriftBudget]
+    random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
+
+    def budget(self, stage: str, random_weights: bool) -> DriftBudget:
+        """A stage's budget; random weights swap in their own thresholds (see pipeline.yaml)."""
+        budget = self.drift.get(stage, DriftBudget())
+        if random_weights and stage in self.random_weights_drift:
+            override = self.random_weights_drift[stage]
+            changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
+            budget = dataclasses.replace(budget, min_agreement=None, **changes)
+        return budget
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings remember the line of each key, for error messages."""
+
+
+class _Mapping(dict):
+    lines: dict[str, int]
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
+    mapping = _Mapping()
+    mapping.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PipelineError(f"{path}: cannot read the configuration ({error.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise PipelineError(f"{path}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return _Mapping()
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: the configuration must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _where(source: Path, mapping: dict, key: str) -> str:
+    line = getattr(mapping, "lines", {}).get(key)
+    return f"{source}:{line}" if line else str(source)
+
+
+def _convert(value: Any, kind: Any, name: str, where: str) -> Any:
+    """Check one value against a field's annotation (int, float, str, tuple[...], budget)."""
+    origin = get_origin(kind)
+    if origin is tuple:
+        items = value if isinstance(value, list) else None
+        if items is None:
+            raise PipelineError(f"{where}: '{name}' must be a list, not {value!r}")
+        return tuple(_convert(item, get_args(kind)[0], name, where) for item in items)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str) and (type(value) is not kind):
+        raise PipelineError(f"{where}: '{name}' must be {kind.__name__}, not {value!r}")
+    return value
+
+
+def _build_dataclass(cls: type, mapping: dict, prefix: str, source: Path) -> Any:
+    if not isinstance(mapping, dict):
+        raise PipelineError(f"{source}: '{prefix.rstrip('.')}' must be a mapping of keys")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in mapping.items():
+        where = _where(source, mapping, key)
+        if key not in known:
+            raise PipelineError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+        values[key] = _convert(value, hints[key], prefix + key, where)
+    try:
+        return cls(**values)
+    except PipelineError as error:  # a value check inside the dataclass: say where it came from
+        raise PipelineError(f"{source}: '{prefix.rstrip('.')}': {error}") from None
+
+
+def _budgets(mapping: Any, prefix: str, source: Path) -> dict[str, DriftBudget]:
+    if not isinstance(mapping, dict):
+        raise PipelineError(f"{source}: '{prefix}' must be a mapping of stage names to budgets")
+    return {
+        stage: _build_dataclass(DriftBudget, budget or {}, f"{prefix}.{stage}.", source)
+        for stage, budget in mapping.items()
+    }
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = _Mapping(base)
+    merged.lines = {**getattr(base, "lines", {}), **getattr(override, "lines", {})}
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = _merge(base[key], value)
+        merged[key] = value
+    return merged
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("pipeline") / "pipeline.yaml"))
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> Config:
+    """Defaults from the packaged pipeline.yaml, then the user's file, then command-line overrides."""
+    source = default_config_path()
+    data = read_yaml(source)
+    if path is not None:
+        source = Path(path)
+        data = _merge(data, read_yaml(source))
+    if overrides:
+        data = _merge(data, overrides)
+    top = {f.name for f in dataclasses.fields(Config)} - {"random_weights_drift"}
+    for key in data:
+        if key not in top:
+            raise PipelineError(f"{_where(source, data, key)}: unknown key '{key}' (known: {', '.join(sorted(top))})")
+    drift = dict(data.get("drift") or {})
+    random_drift = drift.pop("random_weights", {}) or {}
+    models = data.get("models")
+    if isinstance(models, str):
+        models = [models]
+    config = Config(
+        build_dir=_convert(data.get("build_dir"), str, "build_dir", _where(source, data, "build_dir")),
+        models=_convert(models, tuple[str, ...], "models", _where(source, data, "models")),
+        target=_convert(data.get("target"), str, "target", _where(source, data, "target")),
+        precision=_convert(data.get("precision"), str, "precision", _where(source, data, "precision")),
+        weights=_convert(data.get("weights"), str, "weights", _where(source, data, "weights")),
+        network=_build_dataclass(NetworkOptions, data.get("network") or {}, "network.", source),
+        data=_build_dataclass(DataOptions, data.get("data") or {}, "data.", source),
+        export=_build_dataclass(ExportOptions, data.get("export") or {}, "export.", source),
+        openvino=_build_dataclass(OpenVinoOptions, data.get("openvino") or {}, "openvino.", source),
+        drift=_budgets(drift, "drift", source),
+        random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
+    )
+    _check_choices(config, source, data)
+    return config
+
+
+def _check_choices(config: Config, source: Path, data: dict) -> None:
+    def choose(name: str, value: str, choices: tuple[str, ...], where: str) -> None:
+        if value not in choices:
+            raise PipelineError(f"{where}: '{name}' must be one of {', '.join(choices)}, not '{value}'")
+
+    choose("target", config.target, TARGETS, _where(source, data, "target"))
+    choose("precision", config.precision, PRECISIONS, _where(source, data, "precision"))
+    choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
+    positive = {
+        "data.calibration_images": config.data.calibration_images,
+        "data.evaluation_images": config.data.evaluation_images,
+        "data.batch_size": config.data.batch_size,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise PipelineError(f"{source}: '{name}' must be at least 1, not {value}")
+    for name in ("num_classes", "input_size"):
+        if getattr(config.network, name) < 0:
+            raise PipelineError(f"{source}: 'network.{name}' must be 0 (automatic) or positive")
+    if config.network.residual_scales and len(config.network.residual_scales) != 3:
+        raise PipelineError(f"{source}: 'network.residual_scales' needs three scales (35x35, 17x17, 8x8 blocks)")

@@ -1,0 +1,111 @@
+"""What a build prints: a line per stage, progress bars for long work, the drift table at the end.
+
+With --json nothing but the final JSON goes to stdout; lines and bars go to stderr.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=True, highlight=False)
+        self.quiet = quiet
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+    def warn(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {text}", markup=True, soft_wrap=True)
+
+    def stage_cached(self, stage) -> None:
+        self.say(f"[green]✓[/] {stage.name:<14} cached")
+
+    @contextmanager
+    def stage_running(self, stage, reason: str) -> Iterator[None]:
+        self.say(f"[cyan]…[/] {stage.name:<14} building ({reason}): {stage.description}")
+        yield
+
+    def stage_built(self, stage, seconds: float) -> None:
+        self.say(f"[green]✓[/] {stage.name:<14} built in {seconds:.1f} s")
+
+    @contextmanager
+    def status(self, text: str) -> Iterator[None]:
+        if self.quiet or not self.console.is_terminal:
+            self.say(f"  {text}")
+            yield
+            return
+        with self.console.status(text):
+            yield
+
+    def progress(self, what: str) -> Callable[[int, int], None]:
+        """A callback `update(done, total)` that draws a rich progress bar for long loops."""
+        state: dict = {}
+
+        def update(done: int, total: int) -> None:
+            if self.quiet:
+                return
+            if "bar" not in state:
+                bar = Progress(TextColumn(f"  {what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               console=self.console, transient=True)
+                bar.start()
+                state["bar"], state["task"] = bar, bar.add_task(what, total=total)
+            state["bar"].update(state["task"], completed=done, total=total)
+            if done >= total:
+                state.pop("bar").stop()
+
+        return update
+
+    def drift_line(self, result) -> None:
+        mark = "[green]✓[/]" if result.passed else "[red]✗[/]"
+        detail = f"agreement {result.agreement:.1%}, cosine {result.cosine:.6f}, max|Δ| {result.max_abs:.2e}"
+        if not result.passed:
+            detail += " — " + "; ".join(result.failures)
+        self.say(f"{mark} {result.stage:<14} drift: {detail}")
+
+    def drift_table(self, model: str, manifest: dict) -> None:
+        if self.quiet:
+            return
+        random = manifest["weights"]["random"]
+        table = Table(title=f"{model}: drift against torch FP32 ({manifest['evaluation_images']} evaluation images"
+                      + (", random weights" if random else "") + ")")
+        for column in ("stage", "ran in", "top-1", "top-5", "agreement", "cosine", "max |Δ| / max |ref|",
+                       "centred cos", "SQNR dB", "verdict"):
+            table.add_column(column, justify="left" if column in ("stage", "verdict") else "right")
+        for name, stage in manifest["stages"].items():
+            drift = stage.get("drift")
+            if not drift:
+                continue
+            table.add_row(
+                name,
+                stage.get("precision_ran") or "",
+                _pct(drift.get("top1")),
+                _pct(drift.get("top5")),
+                f"{drift['agreement']:.1%}",
+                f"{drift['cosine']:.6f}",
+                f"{drift['max_abs_rel']:.2e}",
+                _number(drift.get("centred_cosine"), ".5f"),
+                _db(drift.get("sqnr_db")),
+                "pass" if drift["passed"] else "FAIL: " + "; ".join(drift["failures"]),
+            )
+        self.console.print(table)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.1f}%"
+
+
+def _db(value) -> str:
+    return "∞" if value == "inf" else _number(value, ".1f")
+
+
+def _number(value, spec: str) -> str:
+    """A metric from DriftResult.as_dict(): a float, None (undefined) or "inf"/"nan" strings."""
+    return "—" if value is None else value if isinstance(value, str) else format(value, spec)
