@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -104,6 +104,12 @@ class ImageNetData:
     @property
     def wnids(self) -> list[str]:
         return [s.wnid for s in self.synsets]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """What both scans skipped, one line each ("<path>: <reason>")."""
+        scans = (self.calibration, self.evaluation)
+        return tuple(str(problem) for scan in scans if scan is not None for problem in scan.problems)
 
 
 @dataclass(frozen=True)
@@ -296,8 +302,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+Progress = Callable[[int, int], None]  # update(done, total), called after every file
+
+
 def iter_batches(
-    records: Iterable[ImageRecord], preprocessing: Preprocessing, batch_size: int = 32
+    records: Sequence[ImageRecord],
+    preprocessing: Preprocessing,
+    batch_size: int = 32,
+    progress: Progress | None = None,
 ) -> Iterator[LoadedImages]:
     """Decode + crop in batches of `batch_size` kept images (the last one may be smaller).
 
@@ -309,11 +321,15 @@ def iter_batches(
     crops: list[np.ndarray] = []
     kept: list[ImageRecord] = []
     skipped: list[Skipped] = []
-    for record in records:
+    for done, record in enumerate(records, start=1):
         try:
             image = open_rgb(record.path)
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            image = None
             skipped.append(Skipped(record.path, _one_line(error)))
+        if progress is not None:
+            progress(done, len(records))
+        if image is None:
             continue
         crops.append(preprocessing.crop_uint8(image))
         kept.append(record)
@@ -324,9 +340,11 @@ def iter_batches(
         yield _batch(crops, kept, skipped, preprocessing)
 
 
-def load_images(records: Iterable[ImageRecord], preprocessing: Preprocessing) -> LoadedImages:
+def load_images(
+    records: Sequence[ImageRecord], preprocessing: Preprocessing, progress: Progress | None = None
+) -> LoadedImages:
     """Decode + crop every record at once (uint8: 512 images of 299x299 take 137 MB)."""
-    batches = list(iter_batches(records, preprocessing, batch_size=256))
+    batches = list(iter_batches(records, preprocessing, batch_size=256, progress=progress))
     return LoadedImages(
         crops=np.concatenate([b.crops for b in batches]) if batches else _empty_crops(preprocessing),
         labels=np.concatenate([b.labels for b in batches]) if batches else np.zeros(0, np.int64),

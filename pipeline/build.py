@@ -63,6 +63,9 @@ class BuildContext:
         if config.network.input_size:
             self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
         self.imagenet = datasets.open_imagenet(Path(config.data.imagenet))
+        for part, folder in (("evaluation", "val/"), ("calibration", "train-sample/")):
+            if getattr(self.imagenet, part) is None:
+                raise PipelineError(f"{config.data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root holding synsets.txt, train-sample/ and val/")
         for problem in self.imagenet.problems:
             reporter.warn(problem)
 

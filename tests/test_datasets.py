@@ -47,7 +47,7 @@ SMALL = Preprocessing(crop=32, crop_pct=0.875)  # fast loading where the crop si
 
 
 @pytest.fixture(scope="module")
-def imagenet():
+def imagenet_data():  # not `imagenet`: conftest's fixture of that name is the folder
     return open_imagenet(IMAGENET_DIR)
 
 
@@ -65,30 +65,31 @@ def one_line_error(excinfo) -> str:
 # ---------------------------------------------------------------------------- the shared data
 
 
-def test_imagenet_root_counts(imagenet):
-    calibration, evaluation = imagenet.calibration, imagenet.evaluation
+def test_imagenet_root_counts(imagenet_data):
+    calibration, evaluation = imagenet_data.calibration, imagenet_data.evaluation
     assert calibration.layout == "train" and evaluation.layout == "val"
     assert len(calibration) == 1000 and calibration.num_classes_present == 1000
     assert len(evaluation) == 650 and evaluation.num_classes_present == 464
     assert calibration.problems == () and evaluation.problems == ()
-    assert len(imagenet.synsets) == 1000 and len(imagenet.class_names) == 1000
+    assert len(imagenet_data.synsets) == 1000 and len(imagenet_data.class_names) == 1000
+    assert imagenet_data.problems == ()
 
 
-def test_labels_follow_synsets_order(imagenet, synsets):
+def test_labels_follow_synsets_order(imagenet_data, synsets):
     assert synsets[0] == ("n01440764", "tench, Tinca tinca")
     assert synsets[0].short_name == "tench"
-    assert imagenet.class_names[472] == "canoe"
-    labels = {r.path: r.label for r in imagenet.calibration.records + imagenet.evaluation.records}
+    assert imagenet_data.class_names[472] == "canoe"
+    labels = {r.path: r.label for r in imagenet_data.calibration.records + imagenet_data.evaluation.records}
     assert labels[IMAGENET_DIR / TENCH] == 0
     assert labels[IMAGENET_DIR / GOLDFISH] == 1
     assert labels[IMAGENET_DIR / CANOE_VAL] == 472
     # train layout: every image's label is its folder's line in synsets.txt
     wnids = [s.wnid for s in synsets]
-    assert all(wnids[r.label] == r.path.parent.name for r in imagenet.calibration.records)
+    assert all(wnids[r.label] == r.path.parent.name for r in imagenet_data.calibration.records)
 
 
-def test_records_are_sorted_by_path(imagenet):
-    for scan in (imagenet.calibration, imagenet.evaluation):
+def test_records_are_sorted_by_path(imagenet_data):
+    for scan in (imagenet_data.calibration, imagenet_data.evaluation):
         paths = [r.path for r in scan.records]
         assert paths == sorted(paths)
 
@@ -102,6 +103,24 @@ def test_open_imagenet_accepts_a_layout_folder_directly():
 
 
 # ---------------------------------------------------------------------------- edge cases: layouts
+
+
+def test_imagenet_root_built_by_hand_reports_problems_of_both_scans(tmp_path):
+    shutil.copy(IMAGENET_DIR / "synsets.txt", tmp_path / "synsets.txt")
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)  # `train/` as in a full ImageNet copy
+    (tmp_path / "train" / "n99999999").mkdir()
+    shutil.copy(IMAGENET_DIR / TENCH, tmp_path / "train" / "n01440764" / "t.JPEG")
+    (tmp_path / "val").mkdir()
+    shutil.copy(IMAGENET_DIR / CANOE_VAL, tmp_path / "val" / "c.JPEG")
+    (tmp_path / "val" / "val.txt").write_text("c.JPEG 472\nc.JPEG\n")
+
+    data = open_imagenet(tmp_path)
+
+    assert [r.label for r in data.calibration.records] == [0]
+    assert [r.label for r in data.evaluation.records] == [472]
+    assert len(data.problems) == 2
+    assert data.problems[0].startswith(str(tmp_path / "train" / "n99999999") + ": ")
+    assert data.problems[1].startswith(str(tmp_path / "val" / "val.txt") + ": line 2: ")
 
 
 def test_train_layout_skips_and_names_unknown_folders_and_non_images(tmp_path, synsets):
@@ -277,7 +296,9 @@ def test_truncated_jpeg_is_skipped_even_if_pil_was_told_to_accept_it(awkward_ima
 
 def test_iter_batches_yields_full_batches_and_names_skipped_files(awkward_images):
     records = read_unlabelled_folder(awkward_images).records
-    batches = list(iter_batches(records, SMALL, batch_size=4))
+    calls = []
+    batches = list(iter_batches(records, SMALL, batch_size=4, progress=lambda *a: calls.append(a)))
+    assert calls == [(done, 9) for done in range(1, 10)]  # every file counts, skipped ones too
     assert [len(b) for b in batches] == [4, 2]
     assert sum(len(b.skipped) for b in batches) == 3
     whole = load_images(records, SMALL)
@@ -286,8 +307,8 @@ def test_iter_batches_yields_full_batches_and_names_skipped_files(awkward_images
         next(iter_batches(records, SMALL, batch_size=0))
 
 
-def test_real_images_load_with_labels(imagenet):
-    records = select_balanced(imagenet.evaluation.records, 8, seed=0)
+def test_real_images_load_with_labels(imagenet_data):
+    records = select_balanced(imagenet_data.evaluation.records, 8, seed=0)
     loaded = load_images(records, Preprocessing(crop=299, crop_pct=0.875))
     assert loaded.skipped == () and loaded.crops.shape == (8, 299, 299, 3)
     assert list(loaded.labels) == [r.label for r in records]
@@ -296,34 +317,34 @@ def test_real_images_load_with_labels(imagenet):
 # ---------------------------------------------------------------------------- sampling
 
 
-def test_selection_is_deterministic_and_independent_of_listing_order(imagenet):
-    records = list(imagenet.evaluation.records)
+def test_selection_is_deterministic_and_independent_of_listing_order(imagenet_data):
+    records = list(imagenet_data.evaluation.records)
     first = select_balanced(records, 64, seed=7)
     random.Random(1).shuffle(records)
     assert select_balanced(records, 64, seed=7) == first
     assert select_balanced(tuple(reversed(records)), 64, seed=7) == first
 
 
-def test_selection_spreads_over_classes(imagenet):
-    val = imagenet.evaluation.records
+def test_selection_spreads_over_classes(imagenet_data):
+    val = imagenet_data.evaluation.records
     assert len({r.label for r in select_balanced(val, 64, seed=0)}) == 64
     # more than one per class: no class gets a second image before every class has one
     counts = Counter(r.label for r in select_balanced(val, 500, seed=0))
     assert len(counts) == 464 and max(counts.values()) == 2
-    train = select_balanced(imagenet.calibration.records, 1000, seed=0)
+    train = select_balanced(imagenet_data.calibration.records, 1000, seed=0)
     assert len({r.label for r in train}) == 1000
 
 
-def test_selection_prefix_and_seeds(imagenet):
-    val = imagenet.evaluation.records
+def test_selection_prefix_and_seeds(imagenet_data):
+    val = imagenet_data.evaluation.records
     assert select_balanced(val, 128, seed=3)[:64] == select_balanced(val, 64, seed=3)
     assert select_balanced(val, 64, seed=3) != select_balanced(val, 64, seed=4)
     assert set(select_balanced(val, 64, seed=3)) != set(select_balanced(val, 64, seed=4))
     assert select_balanced(val, 0, seed=3) == []
 
 
-def test_too_few_images(imagenet):
-    val = imagenet.evaluation.records
+def test_too_few_images(imagenet_data):
+    val = imagenet_data.evaluation.records
     everything = select_balanced(val, 10_000, seed=0)
     assert len(everything) == 650 and set(everything) == set(val)
     require_at_least(everything, 650, "evaluation images")
@@ -334,8 +355,8 @@ def test_too_few_images(imagenet):
     assert str(IMAGENET_DIR / "val") in message
 
 
-def test_unlabelled_selection_is_a_seeded_sample(imagenet):
-    unlabelled = [ImageRecord(r.path, None) for r in imagenet.calibration.records]
+def test_unlabelled_selection_is_a_seeded_sample(imagenet_data):
+    unlabelled = [ImageRecord(r.path, None) for r in imagenet_data.calibration.records]
     sample = select_balanced(unlabelled, 50, seed=1)
     assert len(set(sample)) == 50 and sample == select_balanced(list(reversed(unlabelled)), 50, seed=1)
     assert sample != select_balanced(unlabelled, 50, seed=2)
@@ -354,8 +375,8 @@ def test_selection_does_not_depend_on_where_the_dataset_lives(tmp_path):
     assert pick[0] == pick[1]
 
 
-def test_calibration_and_evaluation_are_disjoint(imagenet, tmp_path):
-    calibration, evaluation = imagenet.calibration.records, imagenet.evaluation.records
+def test_calibration_and_evaluation_are_disjoint(imagenet_data, tmp_path):
+    calibration, evaluation = imagenet_data.calibration.records, imagenet_data.evaluation.records
     assert_disjoint(calibration, evaluation)
 
     with pytest.raises(PipelineError) as excinfo:
@@ -373,8 +394,8 @@ def test_calibration_and_evaluation_are_disjoint(imagenet, tmp_path):
 # ---------------------------------------------------------------------------- digests
 
 
-def test_records_digest_is_a_content_key(imagenet, tmp_path):
-    records = list(select_balanced(imagenet.evaluation.records, 6, seed=0))
+def test_records_digest_is_a_content_key(imagenet_data, tmp_path):
+    records = list(select_balanced(imagenet_data.evaluation.records, 6, seed=0))
     digest = records_digest(records)
     assert len(digest) == 64 and records_digest(records) == digest
 
