@@ -121,18 +121,22 @@ class BuildContext:
         if source.path is not None:
             identity["sha256"] = sha256_file(source.path)
         if source.kind == "random":
-            identity.update(seed=self.config.data.seed, calibration=self.calibration_digest)
+            from calibration import datasets
+
+            identity.update(seed=self.config.data.seed, batchnorm_images=datasets.records_digest(self.batchnorm_records))
         return identity
-
-    @cached_property
-    def calibration_digest(self) -> str:
-        from calibration import datasets
-
-        return datasets.records_digest(self.selection[0])
 
     @property
     def random_weights(self) -> bool:
         return self.config.weights == "random"
+
+    @cached_property
+    def batchnorm_records(self):
+        """The calibration images random weights re-estimate batch-norm statistics on."""
+        from calibration import sampling
+
+        records = self.imagenet.calibration.records
+        return sampling.select_balanced(records, self.config.data.batchnorm_images, self.config.data.seed)
 
     @cached_property
     def model(self):
@@ -141,7 +145,7 @@ class BuildContext:
         network = self.config.network
         batches = None
         if self.random_weights:
-            inputs = self.calibration.inputs
+            inputs = self._load(self.batchnorm_records, "loading batch-norm images").inputs
             size = self.config.data.batch_size * 4
             batches = [inputs[i : i + size] for i in range(0, len(inputs), size)]
         with self.reporter.status(f"loading {self.model_name} ({self.config.weights} weights)"):

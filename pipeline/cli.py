@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     stages.add_argument("--json", action="store_true", help="print as JSON")
 
     commands.add_parser("clean", parents=[common], help="delete the artifacts of the given models and target")
+
+    bench = commands.add_parser("benchmark", help="time a cold build and a cached re-run per model (fresh folders)")
+    bench.add_argument("--model", action="append", metavar="NAME", help="network to measure; repeat, or 'all'")
+    bench.add_argument("build_args", nargs=argparse.REMAINDER,
+                       help="options passed to every `build` after `--`, e.g. -- --weights random")
     return parser
 
 
@@ -165,10 +170,23 @@ def _clean(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from pipeline.benchmark import benchmark_builds
+    from pipeline.models import MODELS, get_spec
+
+    names = args.model or ["inception_v4"]
+    names = list(MODELS) if "all" in names else names
+    for name in names:
+        get_spec(name)
+    extra = [a for a in args.build_args if a != "--"]
+    print(benchmark_builds(names, extra))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"build": _build, "stages": _stages, "clean": _clean}[args.command](args)
+        return {"build": _build, "stages": _stages, "clean": _clean, "benchmark": _benchmark}[args.command](args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -34,6 +34,7 @@ class NetworkOptions:
 class DataOptions:
     imagenet: str = "../shared/imagenet"
     calibration_images: int = 512
+    batchnorm_images: int = 64
     evaluation_images: int = 64
     batch_size: int = 8
     seed: int = 0
@@ -219,6 +220,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
     choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
     positive = {
         "data.calibration_images": config.data.calibration_images,
+        "data.batchnorm_images": config.data.batchnorm_images,
         "data.evaluation_images": config.data.evaluation_images,
         "data.batch_size": config.data.batch_size,
     }

@@ -16,6 +16,8 @@ from rich.table import Table
 class Reporter:
     def __init__(self, console: Console | None = None, quiet: bool = False):
         self.console = console or Console(stderr=True, highlight=False)
+        if not self.console.is_terminal:
+            self.console.width = max(self.console.width, 160)  # logs: no wrapping mid-line
         self.quiet = quiet
 
     def say(self, text: str) -> None:
@@ -50,7 +52,7 @@ class Reporter:
         state: dict = {}
 
         def update(done: int, total: int) -> None:
-            if self.quiet:
+            if self.quiet or not self.console.is_terminal:  # bars only where someone watches them
                 return
             if "bar" not in state:
                 bar = Progress(TextColumn(f"  {what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -36,7 +36,7 @@ def _manifest(build_dir: Path) -> dict:
 def built(tmp_path_factory, imagenet):
     """The cold build every test here starts from."""
     work = tmp_path_factory.mktemp("e2e")
-    (work / "small.yaml").write_text("data:\n  calibration_images: 32\n")
+    (work / "small.yaml").write_text("data:\n  batchnorm_images: 32\n")
     build_dir = work / "build"
     assert main(_args(build_dir, imagenet)) == 0
     return build_dir, imagenet
@@ -119,9 +119,9 @@ def test_rerun_rebuilds_nothing(built, tmp_path, capsys):
     "yaml_text, rebuilt",
     [
         # Another evaluation set: only the reference (and every check) reruns, no artifact.
-        ("data:\n  calibration_images: 32\n  seed: 0\n  evaluation_images: 24\n", ["reference"]),
+        ("data:\n  batchnorm_images: 32\n  seed: 0\n  evaluation_images: 24\n", ["reference"]),
         # Another opset: every artifact after the reference.
-        ("data:\n  calibration_images: 32\nexport:\n  opset: 18\n", ["export", "simplify", "openvino_fp32", "openvino_fp16"]),
+        ("data:\n  batchnorm_images: 32\nexport:\n  opset: 18\n", ["export", "simplify", "openvino_fp32", "openvino_fp16"]),
     ],
 )
 def test_changing_one_option_rebuilds_only_its_dependents(built, tmp_path, yaml_text, rebuilt):
@@ -137,7 +137,7 @@ def test_changing_one_option_rebuilds_only_its_dependents(built, tmp_path, yaml_
 
 def test_changing_the_deployed_openvino_precision_only_reruns_a_check(built, tmp_path):
     build_dir = _copy(built, tmp_path)
-    (tmp_path / "small.yaml").write_text("data:\n  calibration_images: 32\nopenvino:\n  inference_precision: f32\n")
+    (tmp_path / "small.yaml").write_text("data:\n  batchnorm_images: 32\nopenvino:\n  inference_precision: f32\n")
     assert main(_args(build_dir, built[1])) == 0
     manifest = _manifest(build_dir)
     assert manifest["built_this_run"] == []
@@ -187,7 +187,7 @@ def test_force_rebuilds_everything(built, tmp_path):
 def test_unwritable_build_dir_is_a_clear_error(built, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    (tmp_path / "small.yaml").write_text("data:\n  calibration_images: 32\n")
+    (tmp_path / "small.yaml").write_text("data:\n  batchnorm_images: 32\n")
     args = _args(tmp_path / "build", built[1])
     args[args.index("--build-dir") + 1] = str(blocker / "build")
     assert main(args) == 2

