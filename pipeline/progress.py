@@ -79,8 +79,12 @@ class Reporter:
         table = Table(title=f"{model}: drift against torch FP32 ({manifest['evaluation_images']} evaluation images"
                       + (", random weights" if random else "") + ")")
         for column in ("stage", "ran in", "top-1", "top-5", "agreement", "cosine", "max |Δ| / max |ref|",
-                       "centred cos", "SQNR dB", "verdict"):
+                       "SQNR dB", "centred cos", "centred SQNR", "verdict"):
             table.add_column(column, justify="left" if column in ("stage", "verdict") else "right")
+        first = next((s["drift"] for s in manifest["stages"].values() if s.get("drift")), None)
+        if first:
+            table.add_row("torch fp32 (reference)", "fp32", _pct(first.get("ref_top1")), _pct(first.get("ref_top5")),
+                          "", "", "", "", "", "", "")
         for name, stage in manifest["stages"].items():
             drift = stage.get("drift")
             if not drift:
@@ -93,8 +97,9 @@ class Reporter:
                 f"{drift['agreement']:.1%}",
                 f"{drift['cosine']:.6f}",
                 f"{drift['max_abs_rel']:.2e}",
-                _number(drift.get("centred_cosine"), ".5f"),
                 _db(drift.get("sqnr_db")),
+                _number(drift.get("centred_cosine"), ".5f"),
+                _db(drift.get("centred_sqnr_db")),
                 "pass" if drift["passed"] else "FAIL: " + "; ".join(drift["failures"]),
             )
         self.console.print(table)
