@@ -6,6 +6,7 @@ is its own (`os.wait4` returns the child's rusage).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -37,23 +38,52 @@ def _cpu() -> str:
     return f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else format(value, spec)
+
+
+def drift_rows(model: str, manifest: dict) -> list[str]:
+    """Markdown rows of a build's drift figures, the torch reference first."""
+    stages = {name: stage for name, stage in manifest["stages"].items() if stage.get("drift")}
+    first = next(iter(stages.values()))["drift"]
+    rows = [f"| {model} | torch fp32 (reference) | fp32 | {_fmt(first['ref_top1'], '.1f')} | "
+            f"{_fmt(first['ref_top5'], '.1f')} | | | | | | |"]
+    for name, stage in stages.items():
+        d = stage["drift"]
+        rows.append(
+            f"| {model} | {name} | {stage['precision_ran']} | {_fmt(d['top1'], '.1f')} | {_fmt(d['top5'], '.1f')} | "
+            f"{d['agreement']:.1%} | {d['cosine']:.6f} | {d['max_abs_rel']:.1e} | {_fmt(d['sqnr_db'], '.1f')} | "
+            f"{_fmt(d['centred_cosine'], '.4f')} | {_fmt(d['centred_sqnr_db'], '.1f')} |")
+    return rows
+
+
 def benchmark_builds(models: list[str], build_args: list[str]) -> str:
-    """Markdown table: cold build and cached re-run per model, each in a fresh build folder."""
-    rows = []
+    """Markdown tables: cold build and cached re-run per model (fresh build folders), and the drift."""
+    timing, drift = [], []
     for model in models:
         folder = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
         try:
             args = ["--model", model, "--build-dir", str(folder), *build_args]
             cold = _timed_build(args)
             cached = _timed_build(args)
+            manifest = json.loads(next(folder.glob(f"{model}/*/manifest.json")).read_text())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        rows.append(f"| {model} | {cold[0]:.1f} s | {cold[1]:.2f} GiB | {cached[0]:.2f} s | {cached[1]:.2f} GiB |")
-        print(rows[-1], file=sys.stderr)
-    header = [
-        f"Machine: {_cpu()}. Build options: `{' '.join(build_args)}`.",
+        weights = "random" if manifest["weights"]["random"] else manifest["weights"]["source"]
+        timing.append(f"| {model} | {weights} | {manifest['evaluation_images']} | {cold[0]:.1f} s | {cold[1]:.2f} GiB | "
+                      f"{cached[0]:.2f} s | {cached[1]:.2f} GiB |")
+        drift.extend(drift_rows(model, manifest))
+        print(timing[-1], file=sys.stderr)
+    return "\n".join([
+        f"Machine: {_cpu()}. Build options: `{' '.join(build_args) or '(defaults)'}`.",
         "",
-        "| model | cold build | cold peak RSS | cached re-run | re-run peak RSS |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    return "\n".join(header + rows)
+        "| model | weights | check images | cold build | cold peak RSS | cached re-run | re-run peak RSS |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        *timing,
+        "",
+        "| model | stage | ran in | top-1 % | top-5 % | agreement | cosine | max abs / max ref | SQNR dB | centred cosine | centred SQNR dB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *drift,
+    ])
