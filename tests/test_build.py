@@ -193,3 +193,23 @@ def test_unwritable_build_dir_is_a_clear_error(built, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "cannot be written" in err and "--build-dir" in err
+
+
+def test_json_stages_and_clean_commands(built, tmp_path, capsys):
+    build_dir = _copy(built, tmp_path)
+    capsys.readouterr()
+    assert main(_args(build_dir, built[1], "--json")) == 0
+    manifests = json.loads(capsys.readouterr().out)
+    assert manifests["inception_v4"]["stages"]["export"]["drift"]["passed"] is True
+
+    common = ["--model", "inception_v4", "--build-dir", str(build_dir)]
+    assert main(["stages", *common, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["stage"] for r in rows] == STAGES and all(r["built"] for r in rows)
+    assert rows[2]["inputs"] == ["export"]
+
+    assert main(["clean", *common]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not (build_dir / "inception_v4" / "cpu").exists()
+    assert main(["stages", *common, "--json"]) == 0
+    assert not any(r["built"] for r in json.loads(capsys.readouterr().out))

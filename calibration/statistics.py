@@ -1,0 +1,422 @@
+"""Calibration statistics: the activation ranges of an FP32 ONNX model, as a version-neutral table.
+
+`collect_ranges` runs the model with ONNX Runtime on calibration batches and returns, for each named
+tensor, the symmetric range `amax` from which an INT8 scale follows (`scale = amax / 127`). The table
+names no TensorRT or OpenVINO version: a Q/DQ quantizer, or a legacy TensorRT calibration cache
+written on the device, is made from it later.
+
+Statistics are gathered batch by batch and only running maxima and histograms are kept, so memory
+does not grow with the number of images (ONNX Runtime's own histogram calibrators keep every
+intermediate output: tens of GB for 512 Inception images). The price is a second pass over the
+images for the histogram methods, whose bins span [0, max|x|] found by the first pass.
+
+Methods:
+
+- `minmax`: amax = max |x| over all images.
+- `percentile`: amax = the given percentile of |x|, read from a histogram of |x| (interpolated
+  linearly inside the bin where the percentile falls).
+- `entropy`: TensorRT's entropy calibration (IInt8EntropyCalibrator2), as NVIDIA's reference
+  implementation in pytorch-quantization / ModelOpt (`_compute_amax_entropy`) does it: a histogram
+  of |x| with 2048 bins; for every candidate threshold of i = 128..2048 bins (stride 1), the
+  reference P = hist[:i] with the outliers hist[i:] added to its last bin, the candidate Q = hist[:i]
+  merged into 128 groups, each group's sum spread evenly over the group's non-empty bins; both
+  normalised; KL(P||Q) with 0·log 0 = 0 and an infinite divergence where P > 0 and Q = 0 (the last
+  bin is empty but outliers exist). The largest i of minimal divergence wins and amax is that bin's
+  upper edge, i * bin_width (the reference implementation's choice; TensorRT's GTC 2017 slides
+  print (i + 0.5) * bin_width). Also as in the reference, the count of bin 0 is replaced by that of
+  bin 1 before the search: otherwise the spike of exact zeros after every ReLU dominates the
+  divergence and drags the threshold down.
+
+Tensors that are zero on every image get amax `ZERO_TENSOR_AMAX` (a scale of 0 would divide by
+zero) and are listed in `CalibrationTable.zero_tensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from calibration.preprocess import Preprocessing
+from pipeline.errors import PipelineError
+
+FORMAT = "inception-edge-calibration/1"
+METHODS = ("minmax", "percentile", "entropy")
+NUM_QUANTIZED_BINS = 128  # symmetric INT8: levels 0..127 on each side of zero
+INT8_MAX = 127
+ZERO_TENSOR_AMAX = 1e-6  # any positive value works for an all-zero tensor; 1e-6 / 127 is a normal float32
+
+Progress = Callable[[int, int], None]  # update(done, total) after every batch of every pass
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    method: str
+    images: int
+    percentile: float | None  # the `percentile` method's percentile, else None
+    bins: int | None  # histogram bins of `percentile` and `entropy`, else None
+    amax: dict[str, float]  # tensor name -> symmetric range; INT8 scale = amax / 127
+    zero_tensors: tuple[str, ...] = ()  # tensors that were zero on every image (amax = ZERO_TENSOR_AMAX)
+
+    def scale(self, tensor: str) -> float:
+        return self.amax[tensor] / INT8_MAX
+
+    def as_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "method": self.method,
+            "images": self.images,
+            "percentile": self.percentile,
+            "bins": self.bins,
+            "tensors": {name: {"amax": amax} for name, amax in self.amax.items()},
+            "zero_tensors": list(self.zero_tensors),
+        }
+
+    def to_json(self) -> str:
+        # json writes floats with repr(): they read back bit for bit.
+        return json.dumps(self.as_dict(), indent=2) + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON table atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                file.write(self.to_json())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PipelineError(f"calibration table not found: {path}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise PipelineError(f"cannot read calibration table {path}: {error} (rebuild it)") from None
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError) as error:
+            detail = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+            raise PipelineError(f"{path} is not a {FORMAT} calibration table: {detail} (rebuild it)") from None
+
+    @classmethod
+    def _from_dict(cls, data) -> "CalibrationTable":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"format is {found!r}")
+        if data["method"] not in METHODS:
+            raise ValueError(f"unknown method {data['method']!r}")
+        if not isinstance(data["images"], int) or data["images"] < 1:
+            raise ValueError(f"images must be a positive integer, got {data['images']!r}")
+        if not isinstance(data["tensors"], dict):
+            raise TypeError("tensors must be an object")
+        amax = {}
+        for name, entry in data["tensors"].items():
+            value = entry["amax"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"amax of {name!r} must be a positive finite number, got {value!r}")
+            amax[name] = float(value)
+        percentile, bins = data["percentile"], data["bins"]
+        if percentile is not None and not isinstance(percentile, (int, float)):
+            raise TypeError(f"percentile must be a number or null, got {percentile!r}")
+        if bins is not None and not isinstance(bins, int):
+            raise TypeError(f"bins must be an integer or null, got {bins!r}")
+        zero_tensors = tuple(data.get("zero_tensors", ()))
+        if not set(zero_tensors) <= set(amax):
+            raise ValueError("zero_tensors names tensors that the table lacks")
+        return cls(data["method"], data["images"], None if percentile is None else float(percentile), bins,
+                   amax, zero_tensors)
+
+
+class ImageBatches(Sequence):
+    """uint8 crops (NxHxWx3) as normalised float32 NCHW batches, made one batch at a time.
+
+    A sequence, so `collect_ranges` can walk it twice, and only one float32 batch exists at once
+    (512 Inception crops take 137 MB as uint8, 549 MB as float32).
+    """
+
+    def __init__(self, crops: np.ndarray, preprocessing: Preprocessing, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.crops, self.preprocessing, self.batch_size = crops, preprocessing, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.crops) // self.batch_size)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        start = (index % len(self)) * self.batch_size
+        return self.preprocessing.normalize(self.crops[start:start + self.batch_size])
+
+
+def collect_ranges(
+    onnx_path: str | os.PathLike,
+    tensors: Sequence[str],
+    batches: Sequence[np.ndarray],
+    method: str = "entropy",
+    percentile: float = 99.99,
+    bins: int = 2048,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> CalibrationTable:
+    """The calibration table of `tensors` (activation names of the FP32 ONNX at `onnx_path`).
+
+    batches: float32 NCHW network inputs, already normalised. A sequence (a list, or `ImageBatches`
+    to normalise uint8 crops lazily), not a one-shot iterator: the histogram methods walk it twice,
+    first for max|x| (the histogram range), then for the histogram. Memory is one batch's
+    intermediate outputs plus one histogram per tensor, whatever the number of images; choose the
+    batch size for the former (Inception-v4 at 299 has roughly 20 M activation values per image).
+    tensors: names of node outputs or of the graph input (its values are the batch itself);
+    duplicates are ignored, the table keeps the given order.
+    progress: called as progress(done, total) after each batch, total counting both passes.
+    """
+    if method not in METHODS:
+        raise PipelineError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
+    histogram = method != "minmax"
+    if histogram and not (isinstance(bins, int) and bins >= NUM_QUANTIZED_BINS):
+        raise PipelineError(f"calibration bins must be an integer of at least {NUM_QUANTIZED_BINS}, got {bins!r}")
+    if method == "percentile" and not 0 < percentile <= 100:
+        raise PipelineError(f"calibration percentile must be in (0, 100], got {percentile!r}")
+    if not hasattr(batches, "__len__") or iter(batches) is batches:
+        raise TypeError("batches must be a sequence that can be walked more than once (a list, or ImageBatches), "
+                        "not a one-shot iterator")
+    if len(batches) == 0:
+        raise PipelineError("no calibration images: the calibration set is empty")
+    names = list(dict.fromkeys(tensors))
+    if not names:
+        raise PipelineError("no tensors to calibrate")
+
+    runs = _TensorReader(Path(onnx_path), names, threads)
+    passes = 2 if histogram else 1
+    total, done = passes * len(batches), 0
+
+    # Each batch's outputs live only inside the helper call that digests them.
+    maxima = np.zeros(len(names), np.float64)
+    images = 0
+    for batch in batches:
+        _update_maxima(maxima, runs.run(batch), runs)
+        images += len(batch)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    zero = maxima == 0
+    if histogram:
+        hists = np.zeros((len(names), bins), np.int64)
+        second_pass_images = 0
+        for batch in batches:
+            _update_histograms(hists, runs.run(batch), maxima)
+            second_pass_images += len(batch)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if second_pass_images != images:
+            raise PipelineError(f"the calibration batches gave {images} images, then {second_pass_images}: "
+                                "they must give the same images on every pass")
+
+    amax: dict[str, float] = {}
+    for k, name in enumerate(names):
+        if zero[k]:
+            amax[name] = ZERO_TENSOR_AMAX
+        elif method == "minmax":
+            amax[name] = float(maxima[k])
+        elif method == "percentile":
+            amax[name] = percentile_threshold(hists[k], maxima[k] / bins, percentile)
+        else:
+            amax[name] = entropy_threshold(hists[k], maxima[k] / bins)
+    return CalibrationTable(
+        method=method,
+        images=images,
+        percentile=float(percentile) if method == "percentile" else None,
+        bins=bins if histogram else None,
+        amax=amax,
+        zero_tensors=tuple(name for k, name in enumerate(names) if zero[k]),
+    )
+
+
+def percentile_threshold(hist: np.ndarray, bin_width: float, percentile: float) -> float:
+    """The value below which `percentile` % of the histogram's counts lie (linear inside a bin).
+
+    hist: counts of |x| in bins [k * bin_width, (k + 1) * bin_width).
+    """
+    cumulative = np.cumsum(hist, dtype=np.int64)
+    target = percentile / 100.0 * float(cumulative[-1])
+    b = min(int(np.searchsorted(cumulative, target, side="left")), len(hist) - 1)
+    below = float(cumulative[b - 1]) if b > 0 else 0.0
+    fraction = (target - below) / float(hist[b]) if hist[b] else 1.0
+    return float((b + min(max(fraction, 0.0), 1.0)) * bin_width)
+
+
+def entropy_threshold(hist: np.ndarray, bin_width: float, num_quantized_bins: int = NUM_QUANTIZED_BINS) -> float:
+    """TensorRT-style entropy calibration of a histogram of |x| (see the module docstring).
+
+    Returns amax = i * bin_width for the number of bins i (num_quantized_bins..len(hist)) whose
+    clipped distribution loses the least information when quantized to `num_quantized_bins` levels.
+    """
+    hist = np.array(hist, np.float64)
+    if len(hist) < num_quantized_bins:
+        raise ValueError(f"the histogram needs at least {num_quantized_bins} bins, it has {len(hist)}")
+    if len(hist) > 1:
+        hist[0] = hist[1]  # the zero spike (ReLU) would otherwise dominate the divergence
+    thresholds, divergences = kl_divergences(hist, num_quantized_bins)
+    best = len(divergences) - 1 - int(np.argmin(divergences[::-1]))  # the largest threshold among equals
+    return float(thresholds[best] * bin_width)
+
+
+def kl_divergences(hist: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P||Q) for every candidate threshold i = num_quantized_bins..len(hist) (in bins).
+
+    Returns (thresholds, divergences). Vectorised over all candidates at once through cumulative
+    sums: within a group of merged bins Q is constant, so every sum over bins becomes a sum over
+    128 groups (1921 candidates x 128 groups instead of 1921 x 2048 bins).
+    """
+    h = np.asarray(hist, np.float64)
+    q = num_quantized_bins
+    thresholds = np.arange(q, len(h) + 1)
+    total = h.sum()
+    if total <= 0:
+        return thresholds, np.zeros(len(thresholds))
+    cum = np.concatenate(([0.0], np.cumsum(h)))
+    cum_nonzero = np.concatenate(([0], np.cumsum(h > 0)))
+    cum_hlogh = np.concatenate(([0.0], np.cumsum(_xlogx(h))))
+
+    # Group g of candidate i holds bins ceil(g*i/q) .. ceil((g+1)*i/q) - 1 (bin j is in group floor(j*q/i)).
+    g = np.arange(q + 1)
+    edges = -((-g[None, :] * thresholds[:, None]) // q)
+    group_sum = cum[edges[:, 1:]] - cum[edges[:, :-1]]
+    group_nonzero = cum_nonzero[edges[:, 1:]] - cum_nonzero[edges[:, :-1]]
+    kept = cum[thresholds]  # counts below the threshold: Q is made of these
+
+    # KL of P' = h[:i] / total against Q (q_j = group_sum / (group_nonzero * kept) on non-empty bins):
+    # sum_j h_j/total * log(h_j * group_nonzero * kept / (total * group_sum)).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_group_nonzero = np.where(group_nonzero > 0, np.log(np.maximum(group_nonzero, 1)), 0.0)
+        grouped = (_xlogx(group_sum) - group_sum * log_group_nonzero).sum(axis=1)
+        divergences = (cum_hlogh[thresholds] - grouped + _xlogx(kept) - kept * math.log(total)) / total
+
+        # P differs from P' in its last bin only: the outliers h[i:] are added there.
+        last = h[thresholds - 1]
+        outliers = total - kept
+        q_last = np.where(last > 0, group_sum[:, -1] / np.maximum(group_nonzero[:, -1], 1) / kept, 0.0)
+        p_last, p_last_clipped = (last + outliers) / total, last / total
+        old_term = np.where(last > 0, p_last_clipped * np.log(p_last_clipped / q_last), 0.0)
+        new_term = np.where(p_last > 0, p_last * np.log(p_last / q_last), 0.0)  # inf where q_last == 0
+    divergences = divergences - old_term + new_term
+    return thresholds, divergences
+
+
+class _TensorReader:
+    """An ONNX Runtime session over a copy of the model whose graph outputs are the wanted tensors."""
+
+    def __init__(self, path: Path, names: list[str], threads: int | None):
+        import onnx
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise PipelineError(f"ONNX model not found: {path}")
+        try:
+            model = onnx.load(str(path))
+        except Exception as error:  # onnx raises DecodeError and others
+            raise PipelineError(f"cannot read ONNX model {path}: {error}") from None
+        graph = model.graph
+        weights = {init.name for init in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in weights]
+        if len(inputs) != 1:
+            raise PipelineError(f"{path} must have one input, it has {inputs}")
+        self.input_name = inputs[0]
+        produced = {name for node in graph.node for name in node.output}
+        unknown = [n for n in names if n not in produced and n != self.input_name]
+        if unknown:
+            kind = "weights, not activations" if set(unknown) <= weights else "not tensors of the model"
+            raise PipelineError(f"{len(unknown)} calibration tensor(s) are {kind} of {path}: "
+                                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        outputs = {o.name for o in graph.output}
+        for name in names:
+            if name != self.input_name and name not in outputs:
+                graph.output.append(onnx.ValueInfoProto(name=name))  # ONNX Runtime infers the type
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises several private exception types
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise PipelineError(f"cannot load ONNX model {path}: {first_line}") from None
+        self.names = names
+        self.fetched = [n for n in names if n != self.input_name]
+        self.path = path
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The wanted tensors on one batch, in the order of `names`."""
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4:
+            described = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
+            raise PipelineError(f"calibration batches must be normalised float32 NCHW arrays, got {described}")
+        values = dict(zip(self.fetched, self.session.run(self.fetched, {self.input_name: batch})))
+        values[self.input_name] = batch
+        result = [values[name] for name in self.names]
+        for name, x in zip(self.names, result):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise PipelineError(f"calibration tensor {name!r} of {self.path} is {x.dtype}, not a float tensor")
+        return result
+
+
+def _update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "_TensorReader") -> None:
+    for k, x in enumerate(values):
+        maxima[k] = max(maxima[k], _max_abs(x))
+        if not math.isfinite(maxima[k]):
+            raise PipelineError(f"tensor {runs.names[k]!r} of {runs.path} has NaN or infinite values on the "
+                                "calibration images: check the model and the preprocessing")
+
+
+def _update_histograms(hists: np.ndarray, values: list[np.ndarray], maxima: np.ndarray) -> None:
+    for k, x in enumerate(values):
+        if maxima[k] > 0:
+            hists[k] += _abs_histogram(x, maxima[k], hists.shape[1])
+
+
+def _max_abs(x: np.ndarray) -> float:
+    if x.size == 0:
+        return 0.0
+    return max(float(x.max()), -float(x.min()))  # no |x| copy
+
+
+def _abs_histogram(x: np.ndarray, amax: float, bins: int, chunk: int = 1 << 18) -> np.ndarray:
+    """Counts of |x| in `bins` equal bins over [0, amax]; amax itself falls in the last bin.
+
+    Works through x in chunks with reused buffers: no temporary as large as x (an Inception tensor
+    of a batch of 8 holds 11 M values), and about 20 % faster than whole-array numpy.
+    """
+    flat = x.reshape(-1)
+    scale = np.float32(bins / amax)
+    scaled = np.empty(min(chunk, flat.size), np.float32)
+    index = np.empty(len(scaled), np.intp)
+    counts = np.zeros(bins, np.int64)
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        s, i = scaled[:len(part)], index[:len(part)]
+        np.abs(part, out=s)  # never in place: x may be the caller's batch
+        s *= scale
+        np.minimum(s, bins - 1, out=s)
+        i[...] = s  # truncation = floor for non-negative values
+        counts += np.bincount(i, minlength=bins)
+    return counts
+
+
+def _xlogx(v):
+    """v * log(v) with 0 * log 0 = 0 (v >= 0)."""
+    v = np.asarray(v, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)

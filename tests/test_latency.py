@@ -1,0 +1,258 @@
+"""Latency measurement on a small real conv net (ONNX, Q/DQ ONNX, OpenVINO IRs made here, no mocks).
+
+Speed itself is not asserted: timings depend on the machine's load. What is checked: the figures are
+sane and consistent, every requested row is in the table, missing artifacts are marked, threads are
+pinned as asked, and benchmark_app's report is parsed from a real run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from pipeline import latency as latency_module  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.latency import (  # noqa: E402
+    ARTIFACT_KEYS,
+    BENCHMARK_APP_KEY,
+    BUILD_LAYOUT,
+    TORCH_KEY,
+    LatencyResult,
+    LatencySettings,
+    OpenVinoLatencyRunner,
+    benchmark_app_path,
+    latency_for_build,
+    latency_table,
+    measure_latency,
+    parse_benchmark_app,
+    run_benchmark_app,
+)
+from pipeline.runners import OnnxRuntimeRunner  # noqa: E402
+from targets.openvino import OpenVinoRunner, convert_to_ir  # noqa: E402
+from tests.test_runners import export_onnx, random_images, small_net  # noqa: E402
+
+SIZE = 32
+FAST = LatencySettings(warmup=2, iterations=20)
+needs_benchmark_app = pytest.mark.skipif(
+    benchmark_app_path() is None, reason="benchmark_app is not installed beside this Python (it comes with openvino)"
+)
+
+# Captured from a real run (benchmark_app 2026.4.1 on the small net): its report prints latencies
+# in microseconds when the mean is below 1 ms.
+CAPTURED_US = """\
+[Step 8/11] Querying optimal runtime parameters
+[ INFO ]   INFERENCE_NUM_THREADS: 2
+[ INFO ]   INFERENCE_PRECISION_HINT: <Type: 'bfloat16'>
+[ INFO ]   PERFORMANCE_HINT: LATENCY
+[Step 11/11] Dumping statistics report
+[ INFO ] Execution Devices:['CPU']
+[ INFO ] Count:            23091 iterations
+[ INFO ] Duration:         1000.02 ms
+[ INFO ] Latency:
+[ INFO ]    Median:        19.95 us
+[ INFO ]    Average:       40.38 us
+[ INFO ]    Min:           17.30 us
+[ INFO ]    Max:           6606.47 us
+[ INFO ] Throughput:   23090.46 FPS
+"""
+
+
+def quantize_qdq(onnx_path, output, images):
+    """A symmetric per-channel INT8 Q/DQ ONNX from ONNX Runtime's static quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter([{"input": images[i : i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(str(onnx_path), str(output), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return output
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """A build folder in the pipeline's layout with every artifact of the small net."""
+    root = tmp_path_factory.mktemp("latency-build")
+    for relative in BUILD_LAYOUT.values():
+        (root / relative).parent.mkdir(parents=True)
+    onnx_fp32 = export_onnx(small_net(), root / BUILD_LAYOUT["onnx_fp32"], size=SIZE)
+    onnx_int8 = quantize_qdq(onnx_fp32, root / BUILD_LAYOUT["onnx_int8"], random_images(16, SIZE))
+    convert_to_ir(onnx_fp32, root / BUILD_LAYOUT["ir_fp32"], "fp32")
+    convert_to_ir(onnx_fp32, root / BUILD_LAYOUT["ir_fp16"], "fp16")
+    convert_to_ir(onnx_int8, root / BUILD_LAYOUT["ir_int8"], "fp32")  # the INT8 IR from our Q/DQ ONNX
+    return root
+
+
+def check_sane(result: LatencyResult, iterations: int | None = None) -> None:
+    assert 0 < result.median_ms <= result.p90_ms <= result.p99_ms
+    assert result.mean_ms > 0 and np.isfinite(result.mean_ms)
+    assert result.throughput_ips == pytest.approx(result.batch * 1000.0 / result.mean_ms)
+    if iterations is not None:
+        assert result.iterations == iterations
+
+
+def test_measure_latency_fixed_iterations(build):
+    runner = OnnxRuntimeRunner(build / BUILD_LAYOUT["onnx_fp32"], threads=1)
+    result = measure_latency(runner, (1, 3, SIZE, SIZE), warmup=2, iterations=50)
+    check_sane(result, iterations=50)
+    assert result.batch == 1 and result.name == "onnxruntime"
+
+
+def test_measure_latency_for_seconds_from_a_factory(build):
+    made = []
+
+    def factory():
+        made.append(1)
+        return OnnxRuntimeRunner(build / BUILD_LAYOUT["onnx_fp32"], threads=1)
+
+    result = measure_latency(factory, (4, 3, SIZE, SIZE), warmup=1, seconds=0.2, min_iterations=5, name="ort b4")
+    assert made == [1]
+    check_sane(result)
+    assert result.iterations >= 5 and result.batch == 4 and result.name == "ort b4"
+    assert result.iterations * result.mean_ms >= 0.2 * 1000 * 0.99  # it ran for the time asked
+
+
+def test_measure_latency_rejects_bad_arguments(build):
+    runner = OnnxRuntimeRunner(build / BUILD_LAYOUT["onnx_fp32"])
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        measure_latency(runner, (3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="iterations"):
+        measure_latency(runner, (1, 3, SIZE, SIZE), iterations=0)
+
+
+def test_lean_openvino_loop_computes_what_the_runner_computes(build):
+    xml = build / BUILD_LAYOUT["ir_fp32"]
+    lean = OpenVinoLatencyRunner(xml, "f32", threads=1)
+    assert lean.execution_precision == "f32" and lean.threads == 1 and lean.fake_quantize == 0
+    assert list(lean.compiled.inputs[0].get_shape()) == [1, 3, SIZE, SIZE]  # static, as benchmark_app's -shape
+    image = random_images(1, SIZE)
+    step = lean.bind(image)
+    step()
+    lean_logits = lean._request.get_output_tensor().data.copy()
+    expected = OpenVinoRunner(xml, "f32", threads=1).run({"input": image})["logits"]
+    np.testing.assert_allclose(lean_logits, expected, rtol=1e-5, atol=1e-6)
+    check_sane(measure_latency(lean, (1, 3, SIZE, SIZE), warmup=1, iterations=20), iterations=20)
+    assert OpenVinoLatencyRunner(build / BUILD_LAYOUT["ir_int8"]).fake_quantize > 0
+
+
+def test_latency_table_measures_every_artifact(build):
+    threads_before = torch.get_num_threads()
+    table = latency_for_build(build, small_net, LatencySettings(warmup=2, iterations=20, threads=1))
+    assert torch.get_num_threads() == threads_before  # torch's thread count is restored
+    keys = [row.key for row in table.rows]
+    assert keys == [TORCH_KEY, *ARTIFACT_KEYS, BENCHMARK_APP_KEY]
+    for row in table.rows[:-1]:
+        assert row.measured, f"{row.label}: {row.note}"
+        check_sane(row.result, iterations=20)
+        assert row.threads == 1, row.label
+        assert table.speedup(row.key) == pytest.approx(table.row(TORCH_KEY).result.median_ms / row.result.median_ms)
+    assert table.speedup(TORCH_KEY) == pytest.approx(1.0)
+    assert table.row("ir_fp32").ran_in == "f32 (pinned)"
+    assert table.row("ir_fp16").ran_in.endswith("(OpenVINO default)")
+    assert table.row("ir_int8").ran_in.startswith("int8 + ")
+    assert table.row("onnx_int8").ran_in.startswith("int8")
+
+    markdown = table.markdown
+    for row in table.rows:
+        assert f"| {row.label} |" in markdown
+    assert "1 threads for every back end" in markdown
+    bench = table.row(BENCHMARK_APP_KEY)
+    if benchmark_app_path() is None:
+        assert not bench.measured and "not installed" in bench.note
+    else:
+        assert bench.measured, bench.note
+        assert bench.threads == 1  # the -load_config file reached benchmark_app
+        assert bench.result.iterations == 20 and bench.result.p90_ms is None
+        assert table.benchmark_app_gap is not None and "vs benchmark_app" in markdown
+    assert table.as_dict()["rows"][0]["key"] == TORCH_KEY
+
+
+def test_missing_artifacts_are_marked(build, tmp_path):
+    partial = tmp_path / "partial"
+    for key in ("onnx_fp32", "ir_fp32"):
+        target = partial / BUILD_LAYOUT[key]
+        target.parent.mkdir(parents=True)
+        shutil.copy(build / BUILD_LAYOUT[key], target)
+        if target.suffix == ".xml":
+            shutil.copy((build / BUILD_LAYOUT[key]).with_suffix(".bin"), target.with_suffix(".bin"))
+    table = latency_for_build(partial, None, FAST)
+    assert [row.key for row in table.rows] == [TORCH_KEY, *ARTIFACT_KEYS, BENCHMARK_APP_KEY]
+    measured = {row.key for row in table.rows if row.measured}
+    assert measured == {"onnx_fp32", "ir_fp32"}
+    assert table.row(TORCH_KEY).note == "skipped: no torch module given"
+    for key in ("onnx_int8", "ir_fp16", "ir_int8", BENCHMARK_APP_KEY):
+        row = table.row(key)
+        assert row.note.startswith("skipped:") and "not found" in row.note, (key, row.note)
+        assert f"| {row.label} | — |" in table.markdown
+    assert table.speedup("onnx_fp32") is None and table.benchmark_app_gap is None
+    # threads default to OpenVINO's choice under the LATENCY hint, for every back end
+    assert table.row("onnx_fp32").threads == table.row("ir_fp32").threads == table.threads >= 1
+
+
+def test_broken_artifact_is_a_failed_row_not_a_crash(build, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    table = latency_table({"onnx_fp32": broken, "ir_fp32": build / BUILD_LAYOUT["ir_fp32"]},
+                          settings=LatencySettings(warmup=1, iterations=5, benchmark_app=False))
+    assert table.row("onnx_fp32").note.startswith("failed:")
+    assert table.row("ir_fp32").measured
+    assert table.row(BENCHMARK_APP_KEY).note == "skipped: not requested"
+    with pytest.raises(ValueError, match="unknown artifact keys"):
+        latency_table({"onnx": broken})
+
+
+def test_missing_benchmark_app_is_said_in_the_table(build, monkeypatch):
+    monkeypatch.setattr(latency_module, "benchmark_app_path", lambda: None)
+    table = latency_table({"ir_int8": build / BUILD_LAYOUT["ir_int8"]}, settings=FAST)
+    assert table.row("ir_int8").measured
+    row = table.row(BENCHMARK_APP_KEY)
+    assert not row.measured and "benchmark_app is not installed" in row.note
+    assert "benchmark_app is not installed" in table.markdown
+
+
+def test_parse_captured_benchmark_app_report():
+    result = parse_benchmark_app(CAPTURED_US)
+    assert result.median_ms == pytest.approx(0.01995)
+    assert result.mean_ms == pytest.approx(0.04038)
+    assert (result.min_ms, result.max_ms) == (pytest.approx(0.0173), pytest.approx(6.60647))
+    assert result.throughput_fps == pytest.approx(23090.46)
+    assert (result.iterations, result.duration_ms) == (23091, pytest.approx(1000.02))
+    assert (result.threads, result.precision) == (2, "bf16")
+    in_ms = parse_benchmark_app(re.sub(r"([0-9.]+) us", lambda m: f"{float(m.group(1)) / 1000:.5f} ms", CAPTURED_US))
+    assert in_ms.median_ms == pytest.approx(0.01995) and in_ms.max_ms == pytest.approx(6.60647)
+    with pytest.raises(PipelineError, match="Median"):
+        parse_benchmark_app("[ ERROR ] something else")
+
+
+@needs_benchmark_app
+def test_benchmark_app_real_run_is_parsed(build):
+    xml = build / BUILD_LAYOUT["ir_int8"]
+    result = run_benchmark_app(xml, (3, SIZE, SIZE), iterations=200, threads=1)
+    assert result.iterations == 200
+    assert 0 < result.min_ms <= result.median_ms <= result.max_ms
+    assert result.mean_ms > 0 and result.throughput_fps > 0 and result.duration_ms > 0
+    assert result.threads == 1 and result.precision in ("f32", "bf16", "f16")
+    assert "-hint" in result.command and "latency" in result.command and "-ip" in result.command
+    timed = run_benchmark_app(xml, (3, SIZE, SIZE), seconds=1, inference_precision="f32")
+    assert timed.precision == "f32" and timed.iterations > 0 and "-infer_precision" in timed.command
+
+
+@needs_benchmark_app
+def test_benchmark_app_failure_is_one_line(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<net/>")
+    bad.with_suffix(".bin").write_bytes(b"")
+    with pytest.raises(PipelineError, match="benchmark_app failed"):
+        run_benchmark_app(bad, (3, SIZE, SIZE), iterations=1)
