@@ -88,9 +88,8 @@ class BuildContext:
         loaded = datasets.load_images(records, self.preprocessing, progress=self.progress(what))
         for path, reason in loaded.skipped:
             self.reporter.warn(f"skipped {path}: {reason}")
-        labels = loaded.labels if self.uses_imagenet_labels else np.full(len(loaded.labels), -1, np.int64)
         digest = datasets.records_digest(loaded.records)
-        return ImageSet(self.preprocessing.normalize(loaded.crops), labels, digest, tuple(str(r.path) for r in loaded.records))
+        return ImageSet(self.preprocessing.normalize(loaded.crops), loaded.labels, digest, tuple(str(r.path) for r in loaded.records))
 
     @cached_property
     def evaluation(self) -> ImageSet:
@@ -106,10 +105,9 @@ class BuildContext:
     def calibration(self) -> ImageSet:
         return self._load(self.selection[0], "loading calibration images")
 
-    @property
-    def uses_imagenet_labels(self) -> bool:
+    def uses_imagenet_labels(self, num_classes: int) -> bool:
         """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
-        return self.config.network.num_classes in (0, 1000) and not self.config.network.labels
+        return num_classes == 1000 and not self.config.network.labels
 
     @cached_property
     def weights_identity(self) -> dict:
@@ -210,6 +208,8 @@ class Builder:
             records[stage.name], was_built = self._stage(stage, records)
             if was_built:
                 built.append(stage.name)
+            if stage.name == "reference":  # the head's size is known now: check the labels early
+                self._write_labels(self._num_classes(records))
             if stage.runner is not None:
                 result = self._check(stage, records)
                 drift[stage.name] = result
@@ -218,7 +218,6 @@ class Builder:
                     manifest = self._manifest(records, drift, built, time.perf_counter() - started, failed=stage.name)
                     write_json_atomic(self.root / "manifest.json", manifest)
                     raise DriftError(f"{self.ctx.model_name}: stage '{stage.name}' is over its drift budget: {'; '.join(result.failures)}")
-        self._write_labels(np.load(records["reference"].path(LOGITS_FILE)).shape[1])
         manifest = self._manifest(records, drift, built, time.perf_counter() - started)
         write_json_atomic(self.root / "manifest.json", manifest)
         return manifest
@@ -288,10 +287,16 @@ class Builder:
                 checked = self.cache.commit(check_name, key, folder, info)
         logits = np.load(checked.path(LOGITS_FILE))
         labels = np.load(checked.path("labels.npy"))
+        if not self.ctx.uses_imagenet_labels(reference.shape[1]):
+            labels = np.full_like(labels, -1)  # a fine-tuned head: ImageNet's labels do not apply
         budget = self.config.budget(stage.name, self.ctx.random_weights)
         result = compare(stage.name, reference, logits, labels, budget)
         self._precision_ran[stage.name] = checked.data.get("precision_ran")
         return result
+
+    @staticmethod
+    def _num_classes(records: dict[str, StageRecord]) -> int:
+        return int(np.load(records["reference"].path(LOGITS_FILE), mmap_mode="r").shape[1])
 
     def _write_labels(self, num_classes: int) -> None:
         """Every artifact carries its labels.txt: the user's file, or ImageNet's class names."""

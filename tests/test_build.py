@@ -213,3 +213,32 @@ def test_json_stages_and_clean_commands(built, tmp_path, capsys):
     assert not (build_dir / "inception_v4" / "cpu").exists()
     assert main(["stages", *common, "--json"]) == 0
     assert not any(r["built"] for r in json.loads(capsys.readouterr().out))
+
+
+def test_fine_tuned_network_with_its_own_labels_and_input_size(imagenet, tmp_path, capsys):
+    """A 10-class EfficientNet-Lite0 checkpoint at 192x192: classes read from the head, labels carried."""
+    import torch
+
+    from pipeline.weights import load_model
+
+    state = load_model("efficientnet_lite0", "imagenet").module.state_dict()
+    state["_fc.weight"], state["_fc.bias"] = state["_fc.weight"][:10].clone(), state["_fc.bias"][:10].clone()
+    torch.save(state, tmp_path / "fine_tuned.pth")
+    names = [f"part-{i}" for i in range(10)]
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    common = ["build", "--model", "efficientnet_lite0", "--weights", str(tmp_path / "fine_tuned.pth"),
+              "--imagenet", str(imagenet), "--build-dir", str(tmp_path / "build"), "--eval-images", "8"]
+
+    assert main(common) == 2  # ImageNet's 1000 names do not fit a 10-class head
+    assert "1000 names for a 10-class network" in capsys.readouterr().err
+
+    assert main([*common, "--labels", str(tmp_path / "labels.txt"), "--input-size", "192"]) == 0
+    root = tmp_path / "build" / "efficientnet_lite0" / "cpu"
+    assert (root / "labels.txt").read_text().splitlines() == names
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["preprocessing"]["crop"] == 192
+    drift = manifest["stages"]["export"]["drift"]
+    assert drift["top1"] is None  # ImageNet's labels do not apply to this head
+    model = onnx.load(str(root / "export" / "model.onnx"), load_external_data=False)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 192, 192]
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
