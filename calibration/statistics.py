@@ -16,11 +16,11 @@ Methods:
 - `percentile`: amax = the given percentile of |x|, read from a histogram of |x| (interpolated
   linearly inside the bin where the percentile falls).
 - `entropy`: TensorRT's entropy calibration (IInt8EntropyCalibrator2), as NVIDIA's reference
-  implementation in pytorch-quantization / ModelOpt (`_compute_amax_entropy`) does it: a histogram
-  of |x| with 2048 bins; for every candidate threshold of i = 128..2048 bins (stride 1), the
-  reference P = hist[:i] with the outliers hist[i:] added to its last bin, the candidate Q = hist[:i]
-  merged into 128 groups, each group's sum spread evenly over the group's non-empty bins; both
-  normalised; KL(P||Q) with 0·log 0 = 0 and an infinite divergence where P > 0 and Q = 0 (the last
+  implementation (pytorch-quantization in the TensorRT repository, `_compute_amax_entropy`) does
+  it: a histogram of |x| with 2048 bins; for every candidate threshold of i = 128..2048 bins
+  (stride 1), the reference P = hist[:i] with the outliers hist[i:] added to its last bin, the
+  candidate Q = hist[:i] merged into 128 groups, each group's sum spread evenly over the group's
+  non-empty bins; both normalised; KL(P||Q) with 0·log 0 = 0 and an infinite divergence where P > 0 and Q = 0 (the last
   bin is empty but outliers exist). The largest i of minimal divergence wins and amax is that bin's
   upper edge, i * bin_width (the reference implementation's choice; TensorRT's GTC 2017 slides
   print (i + 0.5) * bin_width). Also as in the reference, the count of bin 0 is replaced by that of
@@ -317,7 +317,11 @@ def kl_divergences(hist: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BIN
 
 
 class _TensorReader:
-    """An ONNX Runtime session over a copy of the model whose graph outputs are the wanted tensors."""
+    """An ONNX Runtime session over a copy of the model whose graph outputs are the wanted tensors.
+
+    The copy is passed to ONNX Runtime as bytes, which protobuf limits to 2 GB (Inception-ResNet-v2
+    takes 224 MB).
+    """
 
     def __init__(self, path: Path, names: list[str], threads: int | None):
         import onnx

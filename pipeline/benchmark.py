@@ -47,13 +47,13 @@ def _fmt(value, spec: str) -> str:
 def drift_rows(model: str, manifest: dict) -> list[str]:
     """Markdown rows of a build's drift figures, the torch reference first."""
     stages = {name: stage for name, stage in manifest["stages"].items() if stage.get("drift")}
-    first = next(iter(stages.values()))["drift"]
-    rows = [f"| {model} | torch fp32 (reference) | fp32 | {_fmt(first['ref_top1'], '.1f')} | "
-            f"{_fmt(first['ref_top5'], '.1f')} | | | | | | |"]
+    rows = []
     for name, stage in stages.items():
         d = stage["drift"]
         rows.append(
-            f"| {model} | {name} | {stage['precision_ran']} | {_fmt(d['top1'], '.1f')} | {_fmt(d['top5'], '.1f')} | "
+            f"| {model} | {name} | {stage['precision_ran']} | {d['images']} | {_fmt(d['ref_top1'], '.1f')} | "
+            f"{_fmt(d['top1'], '.1f')} | {d['flips_lost'] if d['flips_lost'] is not None else '—'} / "
+            f"{d['flips_gained'] if d['flips_gained'] is not None else '—'} | "
             f"{d['agreement']:.1%} | {d['cosine']:.6f} | {d['max_abs_rel']:.1e} | {_fmt(d['sqnr_db'], '.1f')} | "
             f"{_fmt(d['centred_cosine'], '.4f')} | {_fmt(d['centred_sqnr_db'], '.1f')} |")
     return rows
@@ -83,7 +83,7 @@ def benchmark_builds(models: list[str], build_args: list[str]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         *timing,
         "",
-        "| model | stage | ran in | top-1 % | top-5 % | agreement | cosine | max abs / max ref | SQNR dB | centred cosine | centred SQNR dB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | stage | ran in | images | reference top-1 % | stage top-1 % | flips lost / gained | agreement | cosine | max abs / max ref | SQNR dB | centred cosine | centred SQNR dB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *drift,
     ])

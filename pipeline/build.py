@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import platform
@@ -19,7 +20,7 @@ from pipeline.config import Config
 from pipeline.drift import DriftResult, compare
 from pipeline.errors import DriftError, PipelineError
 from pipeline.progress import Reporter
-from pipeline.stages import DEPLOYED_STAGE, LOGITS_FILE, Stage, cpu_stages
+from pipeline.stages import DEPLOYED_STAGE, LABELS_FILE, LOGITS_FILE, Stage, cpu_stages
 
 
 def tool_version(distribution: str) -> str:
@@ -29,29 +30,31 @@ def tool_version(distribution: str) -> str:
         return "not installed"
 
 
-def _code_hash(stage: Stage) -> str:
+def _module_file(name: str) -> str:
+    """A module's source file, found without importing it (importing may pull in torch)."""
+    return importlib.util.find_spec(name).origin
+
+
+def _code_hash(stage: Stage, extra_modules: tuple[str, ...] = ()) -> str:
     """Hash of the source files that implement a stage: editing them invalidates its cache."""
     files = {inspect.getsourcefile(stage.produce)}
-    if stage.runner is not None:
-        files.add(inspect.getsourcefile(stage.runner))
+    files.update(_module_file(name) for name in stage.modules + extra_modules)
     return stable_hash(sorted(sha256_file(Path(f)) for f in files))
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Preprocessed images with labels (-1 where unknown) and the digest of the file list."""
+    """Center-cropped uint8 images (N, H, W, 3), labels (-1 where unknown), the digest of the files."""
 
-    inputs: np.ndarray
+    crops: np.ndarray
     labels: np.ndarray
     digest: str
-    files: tuple[str, ...]
 
 
 class BuildContext:
     """Everything a build reads, loaded only when a stage that needs it must actually run."""
 
-    def __init__(self, config: Config, model_name: str, reporter: Reporter):
-        from calibration import datasets
+    def __init__(self, config: Config, model_name: str, reporter: Reporter, stages: list[Stage]):
         from pipeline.models import get_spec
 
         self.config = config
@@ -62,52 +65,131 @@ class BuildContext:
         self.preprocessing = self.spec.preprocessing
         if config.network.input_size:
             self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
-        self.imagenet = datasets.open_imagenet(Path(config.data.imagenet))
+        # The reference runs on the largest evaluation set any check needs; smaller checks use a
+        # prefix of it (balanced selection is prefix-stable).
+        self.evaluation_count = max(self.check_images(stage) for stage in stages if stage.runner is not None)
+        self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
+
+    def check_images(self, stage: Stage) -> int:
+        return self.config.quantization.evaluation_images if stage.int8 else self.config.data.evaluation_images
+
+    def _image_pools(self):
+        """Calibration and evaluation candidates: ImageNet's train-sample/ and val/, or the user's frames."""
+        from calibration import datasets, sampling
+
+        data = self.config.data
+        if data.frames:
+            scan = datasets.read_unlabelled_folder(Path(data.frames))
+            self._warn_all(scan.problems)
+            ordered = sampling.select_balanced(scan.records, len(scan.records), data.seed)
+            held_out = min(self.evaluation_count, len(ordered) // 2)  # never more than half the frames
+            class_names = self._imagenet_class_names(required=not self.config.network.labels)
+            return ordered[held_out:], ordered[:held_out], class_names
+        imagenet = datasets.open_imagenet(Path(data.imagenet))
         for part, folder in (("evaluation", "val/"), ("calibration", "train-sample/")):
-            if getattr(self.imagenet, part) is None:
-                raise PipelineError(f"{config.data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root holding synsets.txt, train-sample/ and val/")
-        for problem in self.imagenet.problems:
-            reporter.warn(problem)
+            if getattr(imagenet, part) is None:
+                raise PipelineError(f"{data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root "
+                                    "holding synsets.txt, train-sample/ and val/")
+        self._warn_all(imagenet.problems)
+        return imagenet.calibration.records, imagenet.evaluation.records, imagenet.class_names
+
+    def _imagenet_class_names(self, required: bool) -> list[str]:
+        from calibration import datasets
+
+        synsets = Path(self.config.data.imagenet) / datasets.SYNSETS_FILE
+        if synsets.is_file():
+            return [s.short_name for s in datasets.read_synsets(synsets)]
+        if required:
+            raise PipelineError(f"no class names: pass --labels (one name per line), or --imagenet with {synsets.name}")
+        return []
+
+    def _warn_all(self, problems) -> None:
+        for problem in problems:
+            self.reporter.warn(str(problem))
 
     def progress(self, what: str):
         return self.reporter.progress(what)
 
     @cached_property
-    def selection(self):
+    def evaluation_records(self):
         from calibration import sampling
 
-        seed = self.config.data.seed
-        evaluation = sampling.select_balanced(self.imagenet.evaluation.records, self.config.data.evaluation_images, seed)
-        calibration = sampling.select_balanced(self.imagenet.calibration.records, self.config.data.calibration_images, seed)
-        sampling.assert_disjoint(calibration, evaluation)
-        return calibration, evaluation
+        return sampling.select_balanced(self.evaluation_pool, self.evaluation_count, self.config.data.seed)
+
+    @cached_property
+    def calibration_records(self):
+        from calibration import sampling
+
+        count = self.config.data.calibration_images
+        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/)"
+        sampling.require_at_least(self.calibration_pool, count, f"calibration images in {where}")
+        records = sampling.select_balanced(self.calibration_pool, count, self.config.data.seed)
+        sampling.assert_disjoint(records, self.evaluation_records)
+        return records
 
     def _load(self, records, what: str) -> ImageSet:
         from calibration import datasets
 
         loaded = datasets.load_images(records, self.preprocessing, progress=self.progress(what))
-        for path, reason in loaded.skipped:
-            self.reporter.warn(f"skipped {path}: {reason}")
-        digest = datasets.records_digest(loaded.records)
-        return ImageSet(self.preprocessing.normalize(loaded.crops), loaded.labels, digest, tuple(str(r.path) for r in loaded.records))
+        for skipped in loaded.skipped:
+            self.reporter.warn(f"skipped {skipped}")
+        if not len(loaded.crops):
+            raise PipelineError(f"no readable images among the {len(records)} {what.split()[-2]} images")
+        return ImageSet(loaded.crops, loaded.labels, datasets.records_digest(loaded.records))
 
     @cached_property
     def evaluation(self) -> ImageSet:
-        return self._load(self.selection[1], "loading evaluation images")
+        return self._load(self.evaluation_records, "loading evaluation images")
 
     @cached_property
     def evaluation_digest(self) -> str:
         from calibration import datasets
 
-        return datasets.records_digest(self.selection[1])
+        return datasets.records_digest(self.evaluation_records)
 
     @cached_property
     def calibration(self) -> ImageSet:
-        return self._load(self.selection[0], "loading calibration images")
+        return self._load(self.calibration_records, "loading calibration images")
+
+    @cached_property
+    def calibration_digest(self) -> str:
+        from calibration import datasets
+
+        return datasets.records_digest(self.calibration_records)
 
     def uses_imagenet_labels(self, num_classes: int) -> bool:
         """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
-        return num_classes == 1000 and not self.config.network.labels
+        return num_classes == 1000 and not self.config.network.labels and not self.config.data.frames
+
+    def predict(self, runner, count: int, what: str) -> np.ndarray:
+        """Logits of the first `count` evaluation images, normalised one batch at a time."""
+        from pipeline.runners import predict
+
+        return predict(runner, self.evaluation.crops[:count], self.config.data.batch_size,
+                       progress=self.progress(what), prepare=self.preprocessing.normalize)
+
+    def labels(self, reference: StageRecord) -> np.ndarray:
+        """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""
+        labels = np.load(reference.path(LABELS_FILE))
+        num_classes = np.load(reference.path(LOGITS_FILE), mmap_mode="r").shape[1]
+        return labels if self.uses_imagenet_labels(num_classes) else np.full_like(labels, -1)
+
+    def labelled(self, reference: StageRecord) -> bool:
+        return bool((self.labels(reference) >= 0).any())
+
+    def judge(self, stage: str, reference: StageRecord, logits: np.ndarray) -> DriftResult:
+        """Compare a stage's logits with the reference's on the same (first N) images, on its budget."""
+        count = len(logits)
+        expected = np.asarray(np.load(reference.path(LOGITS_FILE), mmap_mode="r")[:count])
+        labels = self.labels(reference)[:count]
+        budget = self.config.budget(stage, self.random_weights, labelled=bool((labels >= 0).any()))
+        return compare(stage, expected, logits, labels, budget)
+
+    @property
+    def deployed_openvino_hint(self) -> str | None:
+        """The precision OpenVINO computes deployed IRs in; None lets the CPU choose."""
+        hint = self.config.openvino.inference_precision
+        return None if hint == "auto" else hint
 
     @cached_property
     def weights_identity(self) -> dict:
@@ -133,8 +215,7 @@ class BuildContext:
         """The calibration images random weights re-estimate batch-norm statistics on."""
         from calibration import sampling
 
-        records = self.imagenet.calibration.records
-        return sampling.select_balanced(records, self.config.data.batchnorm_images, self.config.data.seed)
+        return sampling.select_balanced(self.calibration_pool, self.config.data.batchnorm_images, self.config.data.seed)
 
     @cached_property
     def model(self):
@@ -143,9 +224,9 @@ class BuildContext:
         network = self.config.network
         batches = None
         if self.random_weights:
-            inputs = self._load(self.batchnorm_records, "loading batch-norm images").inputs
+            crops = self._load(self.batchnorm_records, "loading batch-norm images").crops
             size = self.config.data.batch_size * 4
-            batches = [inputs[i : i + size] for i in range(0, len(inputs), size)]
+            batches = (self.preprocessing.normalize(crops[i : i + size]) for i in range(0, len(crops), size))
         with self.reporter.status(f"loading {self.model_name} ({self.config.weights} weights)"):
             return weights.load_model(
                 self.model_name,
@@ -173,13 +254,16 @@ def stage_key(stage: Stage, ctx: BuildContext, records: dict[str, StageRecord]) 
         "params": stage.params,
         "inputs": {name: records[name].key for name in stage.inputs},
         "tools": {tool: tool_version(tool) for tool in stage.tools},
-        "code": _code_hash(stage),
+        "code": _code_hash(stage, (ctx.spec.module, "pipeline.models.layers", "pipeline.weights") if stage.uses_weights else ()),
     }
     if stage.uses_weights:
         parts["weights"] = ctx.weights_identity
         parts["model"] = ctx.model_options()
     if stage.uses_evaluation_images:
         parts["evaluation"] = ctx.evaluation_digest
+    if stage.uses_calibration_images:
+        parts["calibration"] = ctx.calibration_digest
+    if stage.uses_evaluation_images or stage.uses_calibration_images:
         parts["preprocessing"] = ctx.preprocessing.as_dict()
     return stable_hash(parts)
 
@@ -191,10 +275,10 @@ class Builder:
         self.config = config
         self.reporter = reporter
         self.force = force
-        self.ctx = BuildContext(config, model_name, reporter)
+        self.stages = cpu_stages(config)
+        self.ctx = BuildContext(config, model_name, reporter, self.stages)
         self.root = Path(config.build_dir) / model_name / config.target
         self.cache = ArtifactCache(self.root)
-        self.stages = cpu_stages(config)
         self._precision_ran: dict[str, str] = {}
 
     def run(self) -> dict:
@@ -263,36 +347,30 @@ class Builder:
     def _check(self, stage: Stage, records: dict[str, StageRecord]) -> DriftResult:
         """Run the artifact on the evaluation images (cached like a stage) and compare with torch."""
         record = records[stage.name]
-        reference = np.load(records["reference"].path(LOGITS_FILE))
+        count = self.ctx.check_images(stage)
         check_name = f"check_{stage.name}"
         key = stable_hash({
             "artifact": record.key,
             "evaluation": records["reference"].key,
+            "images": count,
             "settings": stage.check_settings,
             "code": _code_hash(stage),
         })
         lookup = self.cache.lookup(check_name, key) if not self.force else None
+        if stage.self_checked:  # the stage ran its artifact already (the INT8 gate's final attempt)
+            self._precision_ran[stage.name] = "int8+fp32"  # ONNX Runtime's CPU provider: float between Q/DQ
+            return self.ctx.judge(stage.name, records["reference"], np.load(record.path(LOGITS_FILE)))
         if lookup is not None and lookup.record is not None:
             checked = lookup.record
         else:
             with self.cache.building(check_name) as folder:
                 runner = stage.runner(self.ctx, record)
-                from pipeline.runners import predict
-
-                logits = predict(runner, self.ctx.evaluation.inputs, self.config.data.batch_size,
-                                 progress=self.ctx.progress(f"checking {stage.name}"))
-                np.save(folder / LOGITS_FILE, logits)
-                np.save(folder / "labels.npy", self.ctx.evaluation.labels)
-                info = {"runner": runner.name, "precision_ran": getattr(runner, "execution_precision", "fp32")}
+                np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
+                ran = getattr(runner, "execution_precision", "fp32")
+                info = {"runner": runner.name, "precision_ran": f"int8+{ran}" if stage.int8 else ran}
                 checked = self.cache.commit(check_name, key, folder, info)
-        logits = np.load(checked.path(LOGITS_FILE))
-        labels = np.load(checked.path("labels.npy"))
-        if not self.ctx.uses_imagenet_labels(reference.shape[1]):
-            labels = np.full_like(labels, -1)  # a fine-tuned head: ImageNet's labels do not apply
-        budget = self.config.budget(stage.name, self.ctx.random_weights)
-        result = compare(stage.name, reference, logits, labels, budget)
         self._precision_ran[stage.name] = checked.data.get("precision_ran")
-        return result
+        return self.ctx.judge(stage.name, records["reference"], np.load(checked.path(LOGITS_FILE)))
 
     @staticmethod
     def _num_classes(records: dict[str, StageRecord]) -> int:
@@ -307,7 +385,7 @@ class Builder:
             except OSError as error:
                 raise PipelineError(f"{source}: cannot read the labels file ({error.strerror})") from None
         else:
-            names = list(self.ctx.imagenet.class_names)
+            names = list(self.ctx.class_names)
         if len(names) != num_classes:
             raise PipelineError(f"labels: {len(names)} names for a {num_classes}-class network: pass --labels with one name per class")
         text = "".join(f"{name}\n" for name in names)
@@ -330,6 +408,7 @@ class Builder:
                 "stage": deployed,
                 "artifact": f"{deployed}/{records[deployed].data['artifact']}" if deployed in records else None,
                 "inference_precision": "f32" if self.config.precision == "fp32" else self.config.openvino.inference_precision,
+                "int8_layers_in_float": records["quantize"].data.get("excluded_layers") if "quantize" in records else None,
             },
             "weights": {**ctx.weights_identity, "random": ctx.random_weights,
                         "note": "random weights: accuracy figures are meaningless; drift is judged on mean-centred logits"

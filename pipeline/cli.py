@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--build-dir", type=Path, help="artifact folder (default: build)")
 
     build = commands.add_parser("build", parents=[common], help="run the stages of a target (cached)")
-    build.add_argument("--precision", choices=("fp32", "fp16"), help="precision the artifact is deployed in")
+    build.add_argument("--precision", choices=("int8", "fp32", "fp16"), help="precision the artifact is deployed in (default int8)")
     build.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root with synsets.txt, train-sample/, val/")
     build.add_argument("--weights", help="imagenet, random, or a .safetensors / .pth / .pt checkpoint")
     build.add_argument("--num-classes", type=int, help="classes of a fine-tuned head (default: read from the checkpoint)")

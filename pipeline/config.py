@@ -18,7 +18,8 @@ from pipeline.drift import DriftBudget
 from pipeline.errors import PipelineError
 
 TARGETS = ("cpu",)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("int8", "fp32", "fp16")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
@@ -33,11 +34,23 @@ class NetworkOptions:
 @dataclass(frozen=True)
 class DataOptions:
     imagenet: str = "../shared/imagenet"
+    frames: str = ""
     calibration_images: int = 512
     batchnorm_images: int = 64
     evaluation_images: int = 64
     batch_size: int = 8
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizationOptions:
+    method: str = "entropy"
+    percentile: float = 99.99
+    histogram_bins: int = 2048
+    evaluation_images: int = 650
+    sensitivity_images: int = 16
+    max_fallback_layers: int = 24
+    fallback_group: int = 2
 
 
 @dataclass(frozen=True)
@@ -61,18 +74,26 @@ class Config:
     network: NetworkOptions
     data: DataOptions
     export: ExportOptions
+    quantization: QuantizationOptions
     openvino: OpenVinoOptions
     drift: dict[str, DriftBudget]
     random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
+    unlabelled_drift: dict[str, DriftBudget] = field(default_factory=dict)
 
-    def budget(self, stage: str, random_weights: bool) -> DriftBudget:
-        """A stage's budget; random weights swap in their own thresholds (see pipeline.yaml)."""
+    def budget(self, stage: str, random_weights: bool, labelled: bool = True) -> DriftBudget:
+        """A stage's budget. Random weights and unlabelled images swap in their own thresholds for
+        the figures that mean nothing there (agreement; accuracy), see pipeline.yaml."""
         budget = self.drift.get(stage, DriftBudget())
+        if not labelled and stage in self.unlabelled_drift:
+            budget = _override(budget, self.unlabelled_drift[stage], max_top1_drop=None)
         if random_weights and stage in self.random_weights_drift:
-            override = self.random_weights_drift[stage]
-            changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
-            budget = dataclasses.replace(budget, min_agreement=None, **changes)
+            budget = _override(budget, self.random_weights_drift[stage], min_agreement=None, max_top1_drop=None)
         return budget
+
+
+def _override(budget: DriftBudget, override: DriftBudget, **cleared) -> DriftBudget:
+    changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
+    return dataclasses.replace(budget, **{**cleared, **changes})
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -184,12 +205,13 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         data = _merge(data, read_yaml(source))
     if overrides:
         data = _merge(data, overrides)
-    top = {f.name for f in dataclasses.fields(Config)} - {"random_weights_drift"}
+    top = {f.name for f in dataclasses.fields(Config)} - {"random_weights_drift", "unlabelled_drift"}
     for key in data:
         if key not in top:
             raise PipelineError(f"{_where(source, data, key)}: unknown key '{key}' (known: {', '.join(sorted(top))})")
     drift = dict(data.get("drift") or {})
     random_drift = drift.pop("random_weights", {}) or {}
+    unlabelled_drift = drift.pop("unlabelled", {}) or {}
     models = data.get("models")
     if isinstance(models, str):
         models = [models]
@@ -202,9 +224,11 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         network=_build_dataclass(NetworkOptions, data.get("network") or {}, "network.", source),
         data=_build_dataclass(DataOptions, data.get("data") or {}, "data.", source),
         export=_build_dataclass(ExportOptions, data.get("export") or {}, "export.", source),
+        quantization=_build_dataclass(QuantizationOptions, data.get("quantization") or {}, "quantization.", source),
         openvino=_build_dataclass(OpenVinoOptions, data.get("openvino") or {}, "openvino.", source),
         drift=_budgets(drift, "drift", source),
         random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
+        unlabelled_drift=_budgets(unlabelled_drift, "drift.unlabelled", source),
     )
     _check_choices(config, source, data)
     return config
@@ -218,15 +242,24 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
     choose("target", config.target, TARGETS, _where(source, data, "target"))
     choose("precision", config.precision, PRECISIONS, _where(source, data, "precision"))
     choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
+    choose("quantization.method", config.quantization.method, CALIBRATION_METHODS, str(source))
     positive = {
         "data.calibration_images": config.data.calibration_images,
         "data.batchnorm_images": config.data.batchnorm_images,
         "data.evaluation_images": config.data.evaluation_images,
         "data.batch_size": config.data.batch_size,
+        "quantization.evaluation_images": config.quantization.evaluation_images,
+        "quantization.sensitivity_images": config.quantization.sensitivity_images,
+        "quantization.histogram_bins": config.quantization.histogram_bins,
+        "quantization.fallback_group": config.quantization.fallback_group,
     }
     for name, value in positive.items():
         if value < 1:
             raise PipelineError(f"{source}: '{name}' must be at least 1, not {value}")
+    if not 50.0 < config.quantization.percentile <= 100.0:
+        raise PipelineError(f"{source}: 'quantization.percentile' must lie in (50, 100], not {config.quantization.percentile}")
+    if config.quantization.max_fallback_layers < 0:
+        raise PipelineError(f"{source}: 'quantization.max_fallback_layers' must be 0 or more")
     for name in ("num_classes", "input_size"):
         if getattr(config.network, name) < 0:
             raise PipelineError(f"{source}: 'network.{name}' must be 0 (automatic) or positive")

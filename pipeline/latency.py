@@ -116,7 +116,8 @@ def measure_latency(
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     if len(input_shape) != 4:
         raise ValueError(f"input_shape must be (N, C, H, W), got {tuple(input_shape)}")
-    runner = target if hasattr(target, "run") else target()
+    # A runner object has `run`; a factory (a function, or a runner class) is called once.
+    runner = target if hasattr(target, "run") and not isinstance(target, type) else target()
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
     if hasattr(runner, "bind"):
         step = runner.bind(x)
@@ -526,7 +527,8 @@ def latency_table(
             rows.append(LatencyRow(key, label, _str(path), note=_missing_note(key, path)))
             continue
         say(label)
-        rows.append(_guarded(key, label, path, lambda path=path, ran_in=ran_in: _measure_onnx(path, threads, ran_in, measure)))
+        rows.append(_guarded(key, label, path, lambda key=key, path=path, ran_in=ran_in: _measure_onnx(
+            key, path, threads, ran_in, measure)))
 
     for key, precision in (("ir_fp32", "f32"), ("ir_fp16", None), ("ir_int8", settings.int8_precision)):
         label, path = ROW_LABELS[key], paths[key]
@@ -571,7 +573,9 @@ def _measure_torch(factory: Callable[[], Any], threads: int, measure) -> Latency
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runner = TorchRunner(factory())
+        made = factory()
+        module = made if isinstance(made, torch.nn.Module) else getattr(made, "module", made)  # LoadedModel too
+        runner = TorchRunner(module)
         result = measure(runner)
         used = torch.get_num_threads()
     finally:
@@ -579,11 +583,20 @@ def _measure_torch(factory: Callable[[], Any], threads: int, measure) -> Latency
     return LatencyRow(TORCH_KEY, ROW_LABELS[TORCH_KEY], None, "fp32", used, result)
 
 
-def _measure_onnx(path: Path, threads: int, ran_in: str, measure) -> tuple:
+def _measure_onnx(key: str, path: Path, threads: int, ran_in: str, measure) -> tuple:
     from pipeline.runners import OnnxRuntimeRunner
 
+    import onnx
+
     runner = OnnxRuntimeRunner(path, threads=threads)
-    return ran_in, threads, measure(runner), ""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    quantized = any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in graph.node)
+    note = ""
+    if not quantized:
+        ran_in = "fp32"
+        if key == "onnx_int8":
+            note = "this ONNX has no QuantizeLinear nodes: it is not an INT8 model"
+    return ran_in, threads, measure(runner), note
 
 
 def _measure_openvino(key: str, path: Path, precision: str | None, threads: int, settings: LatencySettings, measure) -> tuple:

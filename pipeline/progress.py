@@ -78,13 +78,9 @@ class Reporter:
         random = manifest["weights"]["random"]
         table = Table(title=f"{model}: drift against torch FP32 ({manifest['evaluation_images']} evaluation images"
                       + (", random weights" if random else "") + ")")
-        for column in ("stage", "ran in", "top-1", "top-5", "agreement", "cosine", "max |Δ| / max |ref|",
-                       "SQNR dB", "centred cos", "centred SQNR", "verdict"):
+        for column in ("stage", "ran in", "images", "top-1 ref→stage", "top-5 ref→stage", "agreement", "cosine",
+                       "max |Δ| / max |ref|", "SQNR dB", "centred cos", "centred SQNR", "verdict"):
             table.add_column(column, justify="left" if column in ("stage", "verdict") else "right")
-        first = next((s["drift"] for s in manifest["stages"].values() if s.get("drift")), None)
-        if first:
-            table.add_row("torch fp32 (reference)", "fp32", _pct(first.get("ref_top1")), _pct(first.get("ref_top5")),
-                          "", "", "", "", "", "", "")
         for name, stage in manifest["stages"].items():
             drift = stage.get("drift")
             if not drift:
@@ -92,8 +88,9 @@ class Reporter:
             table.add_row(
                 name,
                 stage.get("precision_ran") or "",
-                _pct(drift.get("top1")),
-                _pct(drift.get("top5")),
+                str(drift["images"]),
+                _change(drift.get("ref_top1"), drift.get("top1")),
+                _change(drift.get("ref_top5"), drift.get("top5")),
                 f"{drift['agreement']:.1%}",
                 f"{drift['cosine']:.6f}",
                 f"{drift['max_abs_rel']:.2e}",
@@ -105,8 +102,8 @@ class Reporter:
         self.console.print(table)
 
 
-def _pct(value) -> str:
-    return "—" if value is None else f"{value:.1f}%"
+def _change(reference, stage) -> str:
+    return "—" if stage is None else f"{reference:.1f} → {stage:.1f}"
 
 
 def _db(value) -> str:

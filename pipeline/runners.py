@@ -34,10 +34,12 @@ def predict(
     images: np.ndarray,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Logits (N, classes) of float32 images (N, C, H, W), `batch_size` images per run.
 
-    `progress(done, total)` is called after every batch.
+    `progress(done, total)` is called after every batch. `prepare` turns each batch slice into network
+    input (e.g. normalises uint8 crops), so that only one batch of float input exists at a time.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {images.shape}")
@@ -46,7 +48,8 @@ def predict(
     total = len(images)
     batches = []
     for start in range(0, total, batch_size):
-        batch = images_as_input(images[start : start + batch_size])
+        batch = images[start : start + batch_size]
+        batch = images_as_input(prepare(batch) if prepare is not None else batch)
         batches.append(runner.run({runner.input_name: batch})[runner.output_name])
         if progress is not None:
             progress(min(start + batch_size, total), total)

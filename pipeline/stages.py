@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"
 LOGITS_FILE = "logits.npy"
+LABELS_FILE = "labels.npy"
+TABLE_FILE = "calibration.json"
+GATE_FILE = "gate.json"
 
 
 @dataclass(frozen=True)
@@ -37,17 +40,21 @@ class Stage:
     runner: Callable[["BuildContext", "StageRecord"], "Runner"] | None = None
     uses_weights: bool = False  # the checkpoint (or random-weight recipe) is part of the key
     uses_evaluation_images: bool = False
+    uses_calibration_images: bool = False
+    int8: bool = False  # judged on quantization.evaluation_images with the INT8 budgets
+    self_checked: bool = False  # produce already ran the artifact on the evaluation images (logits.npy)
+    modules: tuple[str, ...] = ()  # modules whose source is part of the cache key, besides this one
     check_settings: dict[str, Any] = field(default_factory=dict)  # part of the check's cache key
 
 
 def produce_reference(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     """Torch FP32 logits on the evaluation images: what every later stage is compared with."""
-    from pipeline.runners import TorchRunner, predict
+    from pipeline.runners import TorchRunner
 
-    runner = TorchRunner(ctx.model.module)
-    logits = predict(runner, ctx.evaluation.inputs, ctx.config.data.batch_size, progress=ctx.progress("reference"))
+    logits = ctx.predict(TorchRunner(ctx.model.module), ctx.evaluation_count, "reference (torch FP32)")
     np.save(folder / LOGITS_FILE, logits)
-    return {"images": len(logits)}
+    np.save(folder / LABELS_FILE, ctx.evaluation.labels[: len(logits)])
+    return {"images": len(logits), "num_classes": int(logits.shape[1])}
 
 
 def produce_export(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
@@ -89,14 +96,42 @@ def produce_simplify(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     return {"nodes_before": nodes_before, "nodes_after": len(simplified.graph.node)}
 
 
-def _produce_ir(precision: str) -> Callable:
+def _produce_ir(precision: str, source: str = "simplify") -> Callable:
     def produce(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
         from targets.openvino import convert_to_ir
 
-        convert_to_ir(inputs["simplify"].path(ONNX_FILE), folder / IR_FILE, precision)
-        return {"weights_precision": precision}
+        convert_to_ir(inputs[source].path(ONNX_FILE), folder / IR_FILE, precision)
+        return {"weights_precision": precision, "converted_from": f"{source}/{ONNX_FILE}"}
 
     return produce
+
+
+def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
+    """Activation ranges of every tensor the Q/DQ model quantizes: the single source of truth."""
+    from calibration.statistics import ImageBatches, collect_ranges
+    from pipeline.quantize import quantized_activations
+
+    source = inputs["simplify"].path(ONNX_FILE)
+    q = ctx.config.quantization
+    batches = ImageBatches(ctx.calibration.crops, ctx.preprocessing, ctx.config.data.batch_size)
+    table = collect_ranges(source, quantized_activations(source), batches, method=q.method, percentile=q.percentile,
+                           bins=q.histogram_bins, threads=ctx.threads, progress=ctx.progress(f"calibrating ({q.method})"))
+    table.save(folder / TABLE_FILE)
+    return {"method": table.method, "images": table.images, "tensors": len(table.amax),
+            "zero_tensors": list(table.zero_tensors)}
+
+
+def produce_quantize(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
+    """The INT8 Q/DQ ONNX, through the accuracy gate (which writes logits.npy of the final model)."""
+    from calibration.statistics import CalibrationTable
+    from pipeline.gate import run_gate
+
+    table = CalibrationTable.load(inputs["calibrate"].path(TABLE_FILE))
+    gate = run_gate(ctx, inputs["simplify"].path(ONNX_FILE), table.amax, inputs["reference"], folder / ONNX_FILE)
+    from pipeline.cache import write_json_atomic
+
+    write_json_atomic(folder / GATE_FILE, gate)
+    return {"excluded_layers": gate["excluded_layers"], "placement": gate["placement"]}
 
 
 def _onnx_runner(ctx: "BuildContext", record: "StageRecord") -> "Runner":
@@ -115,22 +150,44 @@ def _openvino_runner(hint: str | None) -> Callable:
 
 
 def cpu_stages(config) -> list[Stage]:
-    """The CPU target's stage graph, in the order it runs."""
+    """The CPU target's stage graph, in the order it runs (the INT8 stages for INT8 builds only)."""
     deployed_hint = None if config.openvino.inference_precision == "auto" else config.openvino.inference_precision
+    q = config.quantization
+    gate_budgets = {name: config.budget(name, random, labelled).as_dict()
+                    for name in ("quantize", "openvino_int8") for random in (False, True) for labelled in (False, True)}
+    int8 = [
+        Stage("calibrate", "activation ranges on calibration images", ("simplify",),
+              {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins}, ("onnxruntime", "numpy"),
+              produce_calibrate, TABLE_FILE, uses_calibration_images=True,
+              modules=("calibration.statistics", "pipeline.quantize")),
+        Stage("quantize", "INT8 Q/DQ ONNX from the calibration table, accuracy gate with fallback",
+              ("simplify", "calibrate", "reference"),
+              {"evaluation_images": q.evaluation_images, "sensitivity_images": q.sensitivity_images,
+               "max_fallback_layers": q.max_fallback_layers, "fallback_group": q.fallback_group,
+               "budgets": gate_budgets, "openvino_inference_precision": config.openvino.inference_precision},
+              ("onnxruntime", "onnx", "openvino"), produce_quantize, ONNX_FILE, runner=_onnx_runner,
+              uses_calibration_images=True, int8=True, self_checked=True,
+              modules=("pipeline.gate", "pipeline.quantize", "pipeline.sensitivity", "targets.openvino")),
+        Stage("openvino_int8", "OpenVINO IR converted from the Q/DQ ONNX", ("quantize",), {"precision": "fp32"},
+              ("openvino",), _produce_ir("fp32", source="quantize"), IR_FILE, runner=_openvino_runner(deployed_hint),
+              int8=True, check_settings={"inference_precision": config.openvino.inference_precision},
+              modules=("targets.openvino",)),
+    ]
     return [
         Stage("reference", "torch FP32 logits on the evaluation images", (), {}, ("torch",),
-              produce_reference, LOGITS_FILE, uses_weights=True, uses_evaluation_images=True),
+              produce_reference, LOGITS_FILE, uses_weights=True, uses_evaluation_images=True,
+              modules=("pipeline.runners",)),
         Stage("export", "torch -> ONNX (TorchScript exporter)", (), {"opset": config.export.opset}, ("torch", "onnx"),
-              produce_export, ONNX_FILE, runner=_onnx_runner, uses_weights=True),
+              produce_export, ONNX_FILE, runner=_onnx_runner, uses_weights=True, modules=("pipeline.runners",)),
         Stage("simplify", "ONNX -> simplified ONNX (onnxsim)", ("export",), {}, ("onnx", "onnxsim"),
-              produce_simplify, ONNX_FILE, runner=_onnx_runner),
+              produce_simplify, ONNX_FILE, runner=_onnx_runner, modules=("pipeline.runners",)),
         Stage("openvino_fp32", "OpenVINO IR, FP32 weights (checked pinned to f32)", ("simplify",), {"precision": "fp32"},
               ("openvino",), _produce_ir("fp32"), IR_FILE, runner=_openvino_runner("f32"),
               check_settings={"inference_precision": "f32"}),
         Stage("openvino_fp16", "OpenVINO IR, FP16 weights", ("simplify",), {"precision": "fp16"},
               ("openvino",), _produce_ir("fp16"), IR_FILE, runner=_openvino_runner(deployed_hint),
               check_settings={"inference_precision": config.openvino.inference_precision}),
-    ]
+    ] + (int8 if config.precision == "int8" else [])
 
 
-DEPLOYED_STAGE = {"fp32": "openvino_fp32", "fp16": "openvino_fp16"}
+DEPLOYED_STAGE = {"fp32": "openvino_fp32", "fp16": "openvino_fp16", "int8": "openvino_int8"}

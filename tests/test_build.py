@@ -23,7 +23,7 @@ STAGES = ["reference", "export", "simplify", "openvino_fp32", "openvino_fp16"]
 
 
 def _args(build_dir: Path, imagenet: Path, *extra: str) -> list[str]:
-    return ["build", "--target", "cpu", "--model", "inception_v4", "--weights", "random",
+    return ["build", "--target", "cpu", "--model", "inception_v4", "--weights", "random", "--precision", "fp32",
             "--imagenet", str(imagenet), "--build-dir", str(build_dir), "--eval-images", "32",
             "--config", str(build_dir.parent / "small.yaml"), *extra]
 
@@ -226,7 +226,7 @@ def test_fine_tuned_network_with_its_own_labels_and_input_size(imagenet, tmp_pat
     torch.save(state, tmp_path / "fine_tuned.pth")
     names = [f"part-{i}" for i in range(10)]
     (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
-    common = ["build", "--model", "efficientnet_lite0", "--weights", str(tmp_path / "fine_tuned.pth"),
+    common = ["build", "--model", "efficientnet_lite0", "--precision", "fp32", "--weights", str(tmp_path / "fine_tuned.pth"),
               "--imagenet", str(imagenet), "--build-dir", str(tmp_path / "build"), "--eval-images", "8"]
 
     assert main(common) == 2  # ImageNet's 1000 names do not fit a 10-class head

@@ -213,6 +213,14 @@ def test_broken_artifact_is_a_failed_row_not_a_crash(build, tmp_path):
         latency_table({"onnx": broken})
 
 
+def test_float_artifact_given_as_int8_is_said(build):
+    table = latency_table({"onnx_int8": build / BUILD_LAYOUT["onnx_fp32"], "ir_int8": build / BUILD_LAYOUT["ir_fp32"]},
+                          settings=LatencySettings(warmup=1, iterations=5, benchmark_app=False))
+    assert table.row("onnx_int8").ran_in == "fp32" and "not an INT8 model" in table.row("onnx_int8").note
+    assert not table.row("ir_int8").ran_in.startswith("int8") and "not an INT8 IR" in table.row("ir_int8").note
+    assert "not an INT8 IR" in table.markdown
+
+
 def test_missing_benchmark_app_is_said_in_the_table(build, monkeypatch):
     monkeypatch.setattr(latency_module, "benchmark_app_path", lambda: None)
     table = latency_table({"ir_int8": build / BUILD_LAYOUT["ir_int8"]}, settings=FAST)

@@ -302,7 +302,8 @@ def test_progress_counts_both_passes(small_model, images):
     path, names = small_model
     for method, passes in (("minmax", 1), ("percentile", 2)):
         calls = []
-        collect_ranges(path, names[:3], batches_of(images, 8), method=method, progress=lambda d, t: calls.append((d, t)))
+        collect_ranges(path, names[:3], batches_of(images, 8), method=method,
+                       progress=lambda done, total: calls.append((done, total)))
         assert calls == [(done, 4 * passes) for done in range(1, 4 * passes + 1)]
 
 

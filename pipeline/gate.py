@@ -1,0 +1,103 @@
+"""The INT8 accuracy gate: quantize, judge on both back ends, return the worst layers to float.
+
+Every attempt writes the Q/DQ ONNX with some Convs left in float, runs it in ONNX Runtime and, as an
+OpenVINO IR converted from it, in OpenVINO, on the INT8 evaluation images, and judges both against
+the torch FP32 reference on their budgets (`drift.quantize`, `drift.openvino_int8`). The first attempt
+quantizes every Conv; each next one keeps the next group of the most sensitive layers (one-pass
+ranking, `pipeline.sensitivity`) in float, until both back ends pass or the layer limit is reached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import DriftError
+
+if TYPE_CHECKING:
+    from pipeline.build import BuildContext
+    from pipeline.cache import StageRecord
+    from pipeline.drift import DriftResult
+
+BACK_ENDS = ("quantize", "openvino_int8")  # the stage names whose budgets the gate applies
+
+
+def gate_figure(result: "DriftResult") -> tuple[str, float, bool]:
+    """The one number an attempt is ranked by when none passes: (name, value, higher is better)."""
+    if result.top1 is not None:
+        return "top-1 drop (points)", result.ref_top1 - result.top1, False
+    if result.centred_cosine is not None and result.budget.min_centred_cosine is not None:
+        return "centred cosine", result.centred_cosine, True
+    return "top-1 agreement", result.agreement, True
+
+
+def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "StageRecord", output: Path) -> dict:
+    """Write the gated Q/DQ model to `output`; return the gate's record (ranking, attempts)."""
+    import numpy as np
+
+    from pipeline.quantize import describe_placement, write_qdq_model
+    from pipeline.runners import OnnxRuntimeRunner
+    from pipeline.sensitivity import fallback, rank_layers
+    from targets.openvino import OpenVinoRunner, convert_to_ir
+
+    q = ctx.config.quantization
+    count = q.evaluation_images
+    hint = ctx.deployed_openvino_hint
+    scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
+    results: dict[tuple[str, ...], dict] = {}
+    try:
+        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
+        sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
+        with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
+            ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, ctx.config.data.batch_size, ctx.threads)
+
+        def evaluate(excluded: tuple[str, ...]):
+            path = scratch / f"attempt-{len(excluded)}.onnx"
+            write_qdq_model(fp32_onnx, amax, path, excluded)
+            logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count,
+                                 f"INT8 ONNX Runtime, {len(excluded)} layers in float")
+            on_ort = ctx.judge("quantize", reference, logits)
+            xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
+            on_openvino = ctx.judge("openvino_int8", reference, ctx.predict(
+                OpenVinoRunner(xml, inference_precision=hint, threads=ctx.threads), count,
+                f"INT8 OpenVINO, {len(excluded)} layers in float"))
+            name, ort_figure, higher = gate_figure(on_ort)
+            _, ov_figure, _ = gate_figure(on_openvino)
+            figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
+            passed = on_ort.passed and on_openvino.passed
+            results[excluded] = {"logits": logits}
+            ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} "
+                             f"({'within budget' if passed else 'over budget'}: {on_ort.summary()} | {on_openvino.summary()})")
+            return passed, figure, {"onnxruntime": on_ort.as_dict(), "openvino": on_openvino.as_dict(),
+                                    "figure": name, "higher_is_better": higher}
+
+        result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group,
+                          higher_is_better=_higher_is_better(ctx, reference))
+        record = {
+            "passed": result.passed,
+            "excluded_layers": list(result.excluded),
+            "before": result.attempts[0].as_dict(),
+            "after": result.best.as_dict(),
+            "attempts": [a.as_dict() for a in result.attempts],
+            "ranking": [layer.as_dict() for layer in ranking],
+        }
+        if not result.passed:
+            best = result.best
+            raise DriftError(
+                f"{ctx.model_name}: INT8 stays over budget with up to {len(result.attempts[-1].excluded)} layers in float; "
+                f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
+                f"(budgets: drift.quantize, drift.openvino_int8; more fallback: quantization.max_fallback_layers)")
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded)
+        np.save(output.parent / "logits.npy", results[result.excluded]["logits"])
+        record["placement"] = describe_placement(output)
+        record["summary"] = summary.as_dict()
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _higher_is_better(ctx: "BuildContext", reference: "StageRecord") -> bool:
+    """Which way the gate figure points for this build: a top-1 drop falls, the others rise."""
+    return not ctx.labelled(reference)
