@@ -289,7 +289,12 @@ class Builder:
         built: list[str] = []
         started = time.perf_counter()
         for stage in self.stages:
-            records[stage.name], was_built = self._stage(stage, records)
+            try:
+                records[stage.name], was_built = self._stage(stage, records)
+            except DriftError:  # the INT8 gate could not meet its budget: say so in the manifest too
+                manifest = self._manifest(records, drift, built, time.perf_counter() - started, failed=stage.name)
+                write_json_atomic(self.root / "manifest.json", manifest)
+                raise
             if was_built:
                 built.append(stage.name)
             if stage.name == "reference":  # the head's size is known now: check the labels early
@@ -432,11 +437,16 @@ class Builder:
                     "built_at": record.data.get("built_at"),
                     "build_seconds": record.data.get("seconds"),
                     "precision_ran": self._precision_ran.get(name),
+                    "facts": {k: v for k, v in record.data.items() if k not in _RECORD_FIELDS},
                     "drift": drift[name].as_dict() if name in drift else None,
                 }
                 for name, record in records.items()
             },
         }
+
+
+# Fields of a stage.json that the manifest lists under their own names; the rest are the stage's facts.
+_RECORD_FIELDS = {"stage", "key", "files", "tools", "params", "inputs", "built_at", "seconds", "description", "artifact"}
 
 
 def _cpu_name() -> str:

@@ -44,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--num-classes", type=int, help="classes of a fine-tuned head (default: read from the checkpoint)")
     build.add_argument("--labels", type=Path, help="labels file of a fine-tuned network, one class name per line")
     build.add_argument("--input-size", type=int, help="input resolution of a fine-tuned network")
-    build.add_argument("--eval-images", type=int, help="evaluation images per drift check (default 64)")
+    build.add_argument("--frames", type=Path, metavar="DIR",
+                       help="your own unlabelled images (a camera's frames) for calibration and label-free checks")
+    build.add_argument("--eval-images", type=int, help="evaluation images per lossless drift check (default 64)")
+    build.add_argument("--int8-eval-images", type=int, help="evaluation images the INT8 stages are judged on (default 650)")
+    build.add_argument("--calibration-images", type=int, help="calibration images (default 512)")
+    build.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"),
+                       help="how activation ranges are chosen (default percentile)")
     build.add_argument("--force", action="store_true", help="rebuild every stage, ignoring the cache")
     build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
 
@@ -86,10 +92,21 @@ def _config(args):
     data = {}
     if getattr(args, "imagenet", None):
         data["imagenet"] = str(args.imagenet)
+    if getattr(args, "frames", None):
+        data["frames"] = str(args.frames)
     if getattr(args, "eval_images", None) is not None:
         data["evaluation_images"] = args.eval_images
+    if getattr(args, "calibration_images", None) is not None:
+        data["calibration_images"] = args.calibration_images
     if data:
         overrides["data"] = data
+    quantization = {}
+    if getattr(args, "int8_eval_images", None) is not None:
+        quantization["evaluation_images"] = args.int8_eval_images
+    if getattr(args, "calibration_method", None):
+        quantization["method"] = args.calibration_method
+    if quantization:
+        overrides["quantization"] = quantization
     if args.target in ("jetson", "desktop-gpu"):
         raise PipelineError(f"--target {args.target}: TensorRT targets are not available in this version yet; use --target cpu")
     config = load_config(args.config, overrides)

@@ -44,7 +44,7 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class QuantizationOptions:
-    method: str = "entropy"
+    method: str = "percentile"
     percentile: float = 99.99
     histogram_bins: int = 2048
     evaluation_images: int = 650

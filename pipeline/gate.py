@@ -25,11 +25,14 @@ BACK_ENDS = ("quantize", "openvino_int8")  # the stage names whose budgets the g
 
 
 def gate_figure(result: "DriftResult") -> tuple[str, float, bool]:
-    """The one number an attempt is ranked by when none passes: (name, value, higher is better)."""
+    """The one number an attempt is ranked by when none passes: (name, value, higher is better).
+
+    The figure follows the budget: centred cosine for random weights, top-1 drop with labels,
+    top-1 agreement without."""
+    if result.budget.min_centred_cosine is not None:
+        return "centred cosine", result.centred_cosine if result.centred_cosine is not None else -1.0, True
     if result.top1 is not None:
         return "top-1 drop (points)", result.ref_top1 - result.top1, False
-    if result.centred_cosine is not None and result.budget.min_centred_cosine is not None:
-        return "centred cosine", result.centred_cosine, True
     return "top-1 agreement", result.agreement, True
 
 
@@ -68,13 +71,14 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
             figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
             passed = on_ort.passed and on_openvino.passed
             results[excluded] = {"logits": logits}
-            ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} "
-                             f"({'within budget' if passed else 'over budget'}: {on_ort.summary()} | {on_openvino.summary()})")
+            verdict = "within budget" if passed else "over budget: " + "; ".join(on_ort.failures + on_openvino.failures)
+            ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} ({verdict})")
             return passed, figure, {"onnxruntime": on_ort.as_dict(), "openvino": on_openvino.as_dict(),
                                     "figure": name, "higher_is_better": higher}
 
-        result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group,
-                          higher_is_better=_higher_is_better(ctx, reference))
+        budget = ctx.config.budget("quantize", ctx.random_weights, ctx.labelled(reference))
+        higher_is_better = budget.min_centred_cosine is not None or not ctx.labelled(reference)
+        result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group, higher_is_better=higher_is_better)
         record = {
             "passed": result.passed,
             "excluded_layers": list(result.excluded),
@@ -96,8 +100,3 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _higher_is_better(ctx: "BuildContext", reference: "StageRecord") -> bool:
-    """Which way the gate figure points for this build: a top-1 drop falls, the others rise."""
-    return not ctx.labelled(reference)
