@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,9 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--model", action="append", metavar="NAME",
                         help="network to build; repeat for several, or 'all' (default: pipeline.yaml's models)")
     common.add_argument("--build-dir", type=Path, help="artifact folder (default: build)")
+    common.add_argument("--precision", choices=("int8", "fp32", "fp16"),
+                        help="precision the artifact is deployed in (default int8); fp32/fp16 skip the INT8 stages")
 
     build = commands.add_parser("build", parents=[common], help="run the stages of a target (cached)")
-    build.add_argument("--precision", choices=("int8", "fp32", "fp16"), help="precision the artifact is deployed in (default int8)")
     build.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root with synsets.txt, train-sample/, val/")
     build.add_argument("--weights", help="imagenet, random, or a .safetensors / .pth / .pt checkpoint")
     build.add_argument("--num-classes", type=int, help="classes of a fine-tuned head (default: read from the checkpoint)")
@@ -59,8 +61,16 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("clean", parents=[common], help="delete the artifacts of the given models and target")
 
-    bench = commands.add_parser("benchmark", help="time a cold build and a cached re-run per model (fresh folders)")
+    bench = commands.add_parser("benchmark", help="time builds (cold, cached), artifact latency, or NNCF vs our INT8")
     bench.add_argument("--model", action="append", metavar="NAME", help="network to measure; repeat, or 'all'")
+    bench.add_argument("--latency", action="store_true",
+                       help="batch-1 latency of every artifact of a finished build (with benchmark_app)")
+    bench.add_argument("--nncf", action="store_true", help="NNCF's nncf.quantize against our Q/DQ INT8 on a finished build")
+    bench.add_argument("--seconds", type=float, default=10.0, help="timed seconds per artifact (default 10)")
+    bench.add_argument("--build-dir", type=Path,
+                       help="with --latency/--nncf: where the finished builds are (default: build); "
+                            "otherwise: keep the measured builds there (default: temporary folders)")
+    bench.add_argument("--config", type=Path, help="the pipeline.yaml the builds used")
     bench.add_argument("build_args", nargs=argparse.REMAINDER,
                        help="options passed to every `build` after `--`, e.g. -- --weights random")
     return parser
@@ -188,7 +198,8 @@ def _clean(args) -> int:
 
 
 def _benchmark(args) -> int:
-    from pipeline.benchmark import benchmark_builds
+    from pipeline import benchmark
+    from pipeline.config import load_config
     from pipeline.models import MODELS, get_spec
 
     names = args.model or ["inception_v4"]
@@ -196,7 +207,17 @@ def _benchmark(args) -> int:
     for name in names:
         get_spec(name)
     extra = [a for a in args.build_args if a != "--"]
-    print(benchmark_builds(names, extra))
+    if args.latency or args.nncf:
+        overrides = {"build_dir": str(args.build_dir)} if args.build_dir else {}
+        if "IMAGENET_DIR" in os.environ:
+            overrides["data"] = {"imagenet": os.environ["IMAGENET_DIR"]}
+        config = load_config(args.config, overrides)
+        if args.latency:
+            print(benchmark.benchmark_latency(config, names, args.seconds))
+        if args.nncf:
+            print(benchmark.compare_nncf(config, names, args.seconds))
+        return 0
+    print(benchmark.benchmark_builds(names, extra, keep_in=args.build_dir))
     return 0
 
 

@@ -202,7 +202,7 @@ def test_json_stages_and_clean_commands(built, tmp_path, capsys):
     manifests = json.loads(capsys.readouterr().out)
     assert manifests["inception_v4"]["stages"]["export"]["drift"]["passed"] is True
 
-    common = ["--model", "inception_v4", "--build-dir", str(build_dir)]
+    common = ["--model", "inception_v4", "--build-dir", str(build_dir), "--precision", "fp32"]
     assert main(["stages", *common, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["stage"] for r in rows] == STAGES and all(r["built"] for r in rows)
