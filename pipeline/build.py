@@ -127,19 +127,19 @@ class BuildContext:
         sampling.assert_disjoint(records, self.evaluation_records)
         return records
 
-    def _load(self, records, what: str) -> ImageSet:
+    def _load(self, records, kind: str) -> ImageSet:
         from calibration import datasets
 
-        loaded = datasets.load_images(records, self.preprocessing, progress=self.progress(what))
+        loaded = datasets.load_images(records, self.preprocessing, progress=self.progress(f"loading {kind} images"))
         for skipped in loaded.skipped:
             self.reporter.warn(f"skipped {skipped}")
         if not len(loaded.crops):
-            raise PipelineError(f"no readable images among the {len(records)} {what.split()[-2]} images")
+            raise PipelineError(f"no readable images among the {len(records)} {kind} images")
         return ImageSet(loaded.crops, loaded.labels, datasets.records_digest(loaded.records))
 
     @cached_property
     def evaluation(self) -> ImageSet:
-        return self._load(self.evaluation_records, "loading evaluation images")
+        return self._load(self.evaluation_records, "evaluation")
 
     @cached_property
     def evaluation_digest(self) -> str:
@@ -149,7 +149,7 @@ class BuildContext:
 
     @cached_property
     def calibration(self) -> ImageSet:
-        return self._load(self.calibration_records, "loading calibration images")
+        return self._load(self.calibration_records, "calibration")
 
     @cached_property
     def calibration_digest(self) -> str:
@@ -224,7 +224,7 @@ class BuildContext:
         network = self.config.network
         batches = None
         if self.random_weights:
-            crops = self._load(self.batchnorm_records, "loading batch-norm images").crops
+            crops = self._load(self.batchnorm_records, "batch-norm").crops
             size = self.config.data.batch_size * 4
             batches = (self.preprocessing.normalize(crops[i : i + size]) for i in range(0, len(crops), size))
         with self.reporter.status(f"loading {self.model_name} ({self.config.weights} weights)"):

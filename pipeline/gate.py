@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from pipeline.cache import StageRecord
     from pipeline.drift import DriftResult
 
-BACK_ENDS = ("quantize", "openvino_int8")  # the stage names whose budgets the gate applies
+# The ranking keeps every Conv's output of two models (and a probe per Conv) for a batch: about
+# 0.75 GB per Inception-v4 image, so a small batch keeps a default build under 6 GB.
+RANKING_BATCH = 2
 
 
 def gate_figure(result: "DriftResult") -> tuple[str, float, bool]:
@@ -54,7 +56,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
-            ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, ctx.config.data.batch_size, ctx.threads)
+            ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"

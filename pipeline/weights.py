@@ -7,7 +7,6 @@ loading torch (for cache keys). Checkpoints are read without running code: `.saf
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import os
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from calibration.preprocess import Preprocessing
+from pipeline.cache import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.models import ModelSpec, get_spec
 
@@ -345,14 +345,6 @@ def recalibrate_batchnorm(module, batches: Iterable[np.ndarray]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _first_few(items: list[str], count: int = 3) -> str:
