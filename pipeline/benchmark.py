@@ -6,6 +6,7 @@ is its own (`os.wait4` returns the child's rusage).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -158,7 +159,8 @@ def compare_nncf(config, models: list[str], seconds: float) -> str:
         batches = [ctx.preprocessing.normalize(crops[i : i + 8]) for i in range(0, len(crops), 8)]
         with tempfile.TemporaryDirectory(prefix="nncf-") as folder:
             started = time.perf_counter()
-            xml = nncf_quantize_ir(root / "simplify" / "model.onnx", batches, len(crops), Path(folder) / "model.xml")
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF draws its progress on stdout: keep the table clean
+                xml = nncf_quantize_ir(root / "simplify" / "model.onnx", batches, len(crops), Path(folder) / "model.xml")
             quantize_seconds = time.perf_counter() - started
             candidates = {
                 f"NNCF nncf.quantize (subset_size={len(crops)})": (xml, f"{quantize_seconds:.0f} s"),
