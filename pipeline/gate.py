@@ -51,7 +51,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
     count = q.evaluation_images
     hint = ctx.deployed_openvino_hint
     scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
-    results: dict[tuple[str, ...], dict] = {}
+    logits_of: dict[tuple[str, ...], np.ndarray] = {}  # ONNX Runtime logits of each attempt
     try:
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
@@ -72,7 +72,9 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
             _, ov_figure, _ = gate_figure(on_openvino)
             figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
             passed = on_ort.passed and on_openvino.passed
-            results[excluded] = {"logits": logits}
+            logits_of[excluded] = logits
+            for attempt_file in scratch.glob(f"attempt-{len(excluded)}.*"):  # Inception: 170 MB each
+                attempt_file.unlink()
             verdict = "within budget" if passed else "over budget: " + "; ".join(on_ort.failures + on_openvino.failures)
             ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} ({verdict})")
             return passed, figure, {"onnxruntime": on_ort.as_dict(), "openvino": on_openvino.as_dict(),
@@ -96,7 +98,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
                 f"(budgets: drift.quantize, drift.openvino_int8; more fallback: quantization.max_fallback_layers)")
         summary = write_qdq_model(fp32_onnx, amax, output, result.excluded)
-        np.save(output.parent / "logits.npy", results[result.excluded]["logits"])
+        np.save(output.parent / "logits.npy", logits_of[result.excluded])
         record["placement"] = describe_placement(output)
         record["summary"] = summary.as_dict()
         return record

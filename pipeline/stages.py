@@ -124,12 +124,11 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
 def produce_quantize(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     """The INT8 Q/DQ ONNX, through the accuracy gate (which writes logits.npy of the final model)."""
     from calibration.statistics import CalibrationTable
+    from pipeline.cache import write_json_atomic
     from pipeline.gate import run_gate
 
     table = CalibrationTable.load(inputs["calibrate"].path(TABLE_FILE))
     gate = run_gate(ctx, inputs["simplify"].path(ONNX_FILE), table.amax, inputs["reference"], folder / ONNX_FILE)
-    from pipeline.cache import write_json_atomic
-
     write_json_atomic(folder / GATE_FILE, gate)
     return {"excluded_layers": gate["excluded_layers"], "placement": gate["placement"]}
 
