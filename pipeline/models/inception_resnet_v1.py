@@ -21,6 +21,7 @@ from pipeline.models.inception_resnet_v2 import (
     Block8,
     Block17,
     Block35,
+    InceptionResnet,
     ReductionB,
     check_residual_scales,
 )
@@ -29,7 +30,7 @@ from pipeline.models.layers import INCEPTION_MIN_INPUT_SIZE, BasicConv2d, ConvFa
 HEAD = "classif"
 
 
-class InceptionResnetV1(nn.Module):
+class InceptionResnetV1(InceptionResnet):
     def __init__(
         self,
         num_classes: int = 1000,
@@ -38,13 +39,7 @@ class InceptionResnetV1(nn.Module):
     ):
         super().__init__()
         scale_a, scale_b, scale_c = check_residual_scales(residual_scales)
-        # Stem (Figure 14).
-        self.conv2d_1a = conv(3, 32, 3, stride=2)
-        self.conv2d_2a = conv(32, 32, 3)
-        self.conv2d_2b = conv(32, 64, 3, padding=1)
-        self.maxpool_3a = nn.MaxPool2d(3, stride=2)
-        self.conv2d_3b = conv(64, 80, 1)
-        self.conv2d_4a = conv(80, 192, 3)
+        self._add_stem_convs(conv)  # stem (Figure 14), then its last 3x3/2 conv to 35x35x256
         self.conv2d_4b = conv(192, 256, 3, stride=2)
         self.repeat = nn.Sequential(*[Block35(256, 32, (32, 32), (32, 32, 32), scale_a, conv) for _ in range(5)])
         self.mixed_6a = ReductionA(256, k=192, l=192, m=256, n=384, conv=conv)
@@ -55,8 +50,7 @@ class InceptionResnetV1(nn.Module):
         self.classif = nn.Linear(1792, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))
-        x = self.conv2d_4b(self.conv2d_4a(self.conv2d_3b(self.maxpool_3a(x))))
+        x = self.conv2d_4b(self._stem_convs(x))
         x = self.mixed_6a(self.repeat(x))
         x = self.mixed_7a(self.repeat_1(x))
         x = self.repeat_2(x)

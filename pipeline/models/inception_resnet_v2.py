@@ -86,8 +86,9 @@ class Block35(nn.Module):
         return self.relu(out * self.scale + x)
 
 
-class Block17(nn.Module):
-    """Inception-ResNet-B, 17x17 (Figures 11 and 17): 1x1 | 1x1 -> 1x7 -> 7x1."""
+class FactorizedResidualBlock(nn.Module):
+    """Inception-ResNet-B and -C share one shape: 1x1 | 1x1 -> 1xk -> kx1, a linear 1x1 projection,
+    scaled and added to the input. Only the factorised kernel k differs (7 at 17x17, 3 at 8x8)."""
 
     def __init__(
         self,
@@ -95,44 +96,18 @@ class Block17(nn.Module):
         width0: int,
         widths1: tuple[int, int, int],
         scale: float,
-        conv: ConvFactory = BasicConv2d,
-    ):
-        super().__init__()
-        self.scale = float(scale)
-        self.branch0 = conv(channels, width0, 1)
-        self.branch1 = nn.Sequential(
-            conv(channels, widths1[0], 1),
-            conv(widths1[0], widths1[1], (1, 7), padding=(0, 3)),
-            conv(widths1[1], widths1[2], (7, 1), padding=(3, 0)),
-        )
-        self.conv2d = nn.Conv2d(width0 + widths1[2], channels, 1)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat((self.branch0(x), self.branch1(x)), 1)
-        out = self.conv2d(out)
-        return self.relu(out * self.scale + x)
-
-
-class Block8(nn.Module):
-    """Inception-ResNet-C, 8x8 (Figures 13 and 19): 1x1 | 1x1 -> 1x3 -> 3x1."""
-
-    def __init__(
-        self,
-        channels: int,
-        width0: int,
-        widths1: tuple[int, int, int],
-        scale: float,
+        kernel: int,
         relu: bool = True,
         conv: ConvFactory = BasicConv2d,
     ):
         super().__init__()
         self.scale = float(scale)
+        pad = kernel // 2
         self.branch0 = conv(channels, width0, 1)
         self.branch1 = nn.Sequential(
             conv(channels, widths1[0], 1),
-            conv(widths1[0], widths1[1], (1, 3), padding=(0, 1)),
-            conv(widths1[1], widths1[2], (3, 1), padding=(1, 0)),
+            conv(widths1[0], widths1[1], (1, kernel), padding=(0, pad)),
+            conv(widths1[1], widths1[2], (kernel, 1), padding=(pad, 0)),
         )
         self.conv2d = nn.Conv2d(width0 + widths1[2], channels, 1)
         self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
@@ -141,6 +116,23 @@ class Block8(nn.Module):
         out = torch.cat((self.branch0(x), self.branch1(x)), 1)
         out = self.conv2d(out)
         return self.relu(out * self.scale + x)
+
+
+class Block17(FactorizedResidualBlock):
+    """Inception-ResNet-B, 17x17 (Figures 11 and 17): 1x1 | 1x1 -> 1x7 -> 7x1."""
+
+    def __init__(self, channels: int, width0: int, widths1: tuple[int, int, int], scale: float,
+                 conv: ConvFactory = BasicConv2d):
+        super().__init__(channels, width0, widths1, scale, kernel=7, conv=conv)
+
+
+class Block8(FactorizedResidualBlock):
+    """Inception-ResNet-C, 8x8 (Figures 13 and 19): 1x1 | 1x1 -> 1x3 -> 3x1; the last block of the
+    published network has scale 1 and no ReLU."""
+
+    def __init__(self, channels: int, width0: int, widths1: tuple[int, int, int], scale: float,
+                 relu: bool = True, conv: ConvFactory = BasicConv2d):
+        super().__init__(channels, width0, widths1, scale, kernel=3, relu=relu, conv=conv)
 
 
 class ReductionB(nn.Module):
@@ -180,7 +172,25 @@ def check_residual_scales(residual_scales: Sequence[float]) -> tuple[float, floa
     return scales
 
 
-class InceptionResnetV2(nn.Module):
+class InceptionResnet(nn.Module):
+    """What both Inception-ResNets share: the first six stem layers (3x3/2, 3x3, 3x3, max-pool, 1x1,
+    3x3 -> 35x35x192 on 299 input) of the paper's Figure 14, which the published Inception-ResNet-v2
+    stem also starts with, under the checkpoint's names."""
+
+    def _add_stem_convs(self, conv: ConvFactory) -> None:
+        self.conv2d_1a = conv(3, 32, 3, stride=2)
+        self.conv2d_2a = conv(32, 32, 3)
+        self.conv2d_2b = conv(32, 64, 3, padding=1)
+        self.maxpool_3a = nn.MaxPool2d(3, stride=2)
+        self.conv2d_3b = conv(64, 80, 1)
+        self.conv2d_4a = conv(80, 192, 3)
+
+    def _stem_convs(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))
+        return self.conv2d_4a(self.conv2d_3b(self.maxpool_3a(x)))
+
+
+class InceptionResnetV2(InceptionResnet):
     def __init__(
         self,
         num_classes: int = 1000,
@@ -189,12 +199,7 @@ class InceptionResnetV2(nn.Module):
     ):
         super().__init__()
         scale_a, scale_b, scale_c = check_residual_scales(residual_scales)
-        self.conv2d_1a = conv(3, 32, 3, stride=2)
-        self.conv2d_2a = conv(32, 32, 3)
-        self.conv2d_2b = conv(32, 64, 3, padding=1)
-        self.maxpool_3a = nn.MaxPool2d(3, stride=2)
-        self.conv2d_3b = conv(64, 80, 1)
-        self.conv2d_4a = conv(80, 192, 3)
+        self._add_stem_convs(conv)
         self.maxpool_5a = nn.MaxPool2d(3, stride=2)
         self.mixed_5b = Mixed5b(conv)
         self.repeat = nn.Sequential(*[Block35(320, 32, (32, 32), (32, 48, 64), scale_a, conv) for _ in range(10)])
@@ -208,9 +213,7 @@ class InceptionResnetV2(nn.Module):
         self.classif = nn.Linear(1536, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))
-        x = self.conv2d_4a(self.conv2d_3b(self.maxpool_3a(x)))
-        x = self.mixed_5b(self.maxpool_5a(x))
+        x = self.mixed_5b(self.maxpool_5a(self._stem_convs(x)))
         x = self.mixed_6a(self.repeat(x))
         x = self.mixed_7a(self.repeat_1(x))
         x = self.conv2d_7b(self.block8(self.repeat_2(x)))
