@@ -201,26 +201,25 @@ def collect_ranges(
     passes = 2 if histogram else 1
     total, done = passes * len(batches), 0
 
-    # Each batch's outputs live only inside the helper call that digests them.
+    def one_pass(digest) -> int:
+        """Run every batch and hand its outputs to `digest`; they live only inside that call."""
+        nonlocal done
+        images = 0
+        for batch in batches:
+            digest(runs.run(batch))
+            images += len(batch)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        return images
+
     maxima = np.zeros(len(names), np.float64)
-    images = 0
-    for batch in batches:
-        _update_maxima(maxima, runs.run(batch), runs)
-        images += len(batch)
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    images = one_pass(lambda outputs: _update_maxima(maxima, outputs, runs))
 
     zero = maxima == 0
     if histogram:
         hists = np.zeros((len(names), bins), np.int64)
-        second_pass_images = 0
-        for batch in batches:
-            _update_histograms(hists, runs.run(batch), maxima)
-            second_pass_images += len(batch)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+        second_pass_images = one_pass(lambda outputs: _update_histograms(hists, outputs, maxima))
         if second_pass_images != images:
             raise PipelineError(f"the calibration batches gave {images} images, then {second_pass_images}: "
                                 "they must give the same images on every pass")

@@ -521,23 +521,21 @@ def latency_table(
         say(label)
         rows.append(_guarded(TORCH_KEY, label, None, lambda: _measure_torch(torch_module_factory, threads, measure)))
 
-    for key, ran_in in (("onnx_fp32", "fp32"), ("onnx_int8", "int8 Q/DQ + fp32")):
+    # Every file artifact, in table order: how to time it once it exists.
+    timers = {
+        "onnx_fp32": lambda path: _measure_onnx("onnx_fp32", path, threads, "fp32", measure),
+        "onnx_int8": lambda path: _measure_onnx("onnx_int8", path, threads, "int8 Q/DQ + fp32", measure),
+        "ir_fp32": lambda path: _measure_openvino("ir_fp32", path, "f32", threads, settings, measure),
+        "ir_fp16": lambda path: _measure_openvino("ir_fp16", path, None, threads, settings, measure),
+        "ir_int8": lambda path: _measure_openvino("ir_int8", path, settings.int8_precision, threads, settings, measure),
+    }
+    for key, timer in timers.items():
         label, path = ROW_LABELS[key], paths[key]
         if key not in present:
             rows.append(LatencyRow(key, label, _str(path), note=_missing_note(key, path)))
             continue
         say(label)
-        rows.append(_guarded(key, label, path, lambda key=key, path=path, ran_in=ran_in: _measure_onnx(
-            key, path, threads, ran_in, measure)))
-
-    for key, precision in (("ir_fp32", "f32"), ("ir_fp16", None), ("ir_int8", settings.int8_precision)):
-        label, path = ROW_LABELS[key], paths[key]
-        if key not in present:
-            rows.append(LatencyRow(key, label, _str(path), note=_missing_note(key, path)))
-            continue
-        say(label)
-        rows.append(_guarded(key, label, path, lambda key=key, path=path, precision=precision: _measure_openvino(
-            key, path, precision, threads, settings, measure)))
+        rows.append(_guarded(key, label, path, lambda timer=timer, path=path: timer(path)))
 
     int8_row = rows[-1]
     is_int8 = int8_row.ran_in is None or int8_row.ran_in.startswith("int8")

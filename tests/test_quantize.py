@@ -84,6 +84,17 @@ def logit_sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(ref ** 2) / np.sum((candidate - ref) ** 2)))
 
 
+def quantized_lite0(folder, imagenet) -> dict:
+    """Lite0's FP32 ONNX, minmax ranges over 64 calibration images, its Q/DQ model, 64 val images."""
+    fp32 = export_lite0(folder / "lite0.onnx")
+    calibration, evaluation, labels = lite0_images(imagenet, calibration=64, evaluation=64)
+    amax = minmax_amax(fp32, calibration)
+    qdq = folder / "lite0_qdq.onnx"
+    summary = write_qdq_model(fp32, amax, qdq)
+    return {"fp32": fp32, "qdq": qdq, "amax": amax, "summary": summary, "folder": folder,
+            "calibration": calibration, "evaluation": evaluation, "labels": labels}
+
+
 def nodes_reading(graph, tensor: str) -> list:
     return [n for n in graph.node if tensor in n.input]
 
@@ -228,14 +239,7 @@ def test_missing_ranges_and_unknown_exclusions_fail_clearly(block):
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory, imagenet):
-    folder = tmp_path_factory.mktemp("lite0")
-    fp32 = export_lite0(folder / "lite0.onnx")
-    calibration, evaluation, labels = lite0_images(imagenet, calibration=64, evaluation=64)
-    amax = minmax_amax(fp32, calibration)
-    qdq = folder / "lite0_qdq.onnx"
-    summary = write_qdq_model(fp32, amax, qdq)
-    return {"fp32": fp32, "qdq": qdq, "amax": amax, "summary": summary, "folder": folder,
-            "evaluation": evaluation, "labels": labels}
+    return quantized_lite0(tmp_path_factory.mktemp("lite0"), imagenet)
 
 
 def test_lite0_weights_are_int8_per_channel_with_zero_points_0(lite0):

@@ -12,26 +12,13 @@ pytest.importorskip("onnxruntime")
 
 from pipeline.quantize import write_qdq_model  # noqa: E402
 from pipeline.sensitivity import LayerSensitivity, fallback, rank_layers  # noqa: E402
-from tests.test_quantize import (  # noqa: E402
-    export_lite0,
-    lite0_images,
-    logit_sqnr_db,
-    minmax_amax,
-    run_logits,
-)
+from tests.test_quantize import logit_sqnr_db, quantized_lite0, run_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory, imagenet):
-    folder = tmp_path_factory.mktemp("sensitivity")
-    fp32 = export_lite0(folder / "lite0.onnx")
-    calibration, evaluation, _ = lite0_images(imagenet, calibration=64, evaluation=64)
-    amax = minmax_amax(fp32, calibration)
-    qdq = folder / "lite0_qdq.onnx"
-    summary = write_qdq_model(fp32, amax, qdq)
-    ranking = rank_layers(fp32, qdq, calibration[:16], threads=2)
-    return {"fp32": fp32, "qdq": qdq, "amax": amax, "summary": summary, "folder": folder,
-            "calibration": calibration, "evaluation": evaluation, "ranking": ranking}
+    quantized = quantized_lite0(tmp_path_factory.mktemp("sensitivity"), imagenet)
+    return {**quantized, "ranking": rank_layers(quantized["fp32"], quantized["qdq"], quantized["calibration"][:16], threads=2)}
 
 
 def test_one_entry_per_quantized_conv_worst_first(lite0):
