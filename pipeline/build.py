@@ -49,6 +49,7 @@ class ImageSet:
     crops: np.ndarray
     labels: np.ndarray
     digest: str
+    paths: tuple[str, ...] = ()  # the image files, in the order of `crops`
 
 
 class BuildContext:
@@ -135,7 +136,8 @@ class BuildContext:
             self.reporter.warn(f"skipped {skipped}")
         if not len(loaded.crops):
             raise PipelineError(f"no readable images among the {len(records)} {kind} images")
-        return ImageSet(loaded.crops, loaded.labels, datasets.records_digest(loaded.records))
+        return ImageSet(loaded.crops, loaded.labels, datasets.records_digest(loaded.records),
+                        tuple(str(record.path) for record in loaded.records))
 
     @cached_property
     def evaluation(self) -> ImageSet:

@@ -1,4 +1,6 @@
-"""Command line: `python -m pipeline build | stages | clean`.
+"""Command line: `python -m pipeline build | stages | clean | benchmark | report | device-build | verify | run | deepstream`.
+
+The device-side commands (device-build, verify, run, deepstream) import no torch and no build code.
 
 Every user error is one line on stderr and exit code 2; a stage over its drift budget exits 3.
 """
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="how activation ranges are chosen (default percentile)")
     build.add_argument("--force", action="store_true", help="rebuild every stage, ignoring the cache")
     build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
+    build.add_argument("--no-report", action="store_true", help="do not write report.md/.json/.html at the end")
 
     stages = commands.add_parser("stages", parents=[common], help="list the stages of a target and their cache state")
     stages.add_argument("--json", action="store_true", help="print as JSON")
@@ -66,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency", action="store_true",
                        help="batch-1 latency of every artifact of a finished build (with benchmark_app)")
     bench.add_argument("--nncf", action="store_true", help="NNCF's nncf.quantize against our Q/DQ INT8 on a finished build")
+    bench.add_argument("--throughput", action="store_true",
+                       help="images per second of every artifact of a finished build, at its best batch size / streams")
+    bench.add_argument("--frame-path", action="store_true",
+                       help="the camera runtime's end-to-end frame path (decode + preprocess + infer) on a finished build")
     bench.add_argument("--seconds", type=float, default=10.0, help="timed seconds per artifact (default 10)")
     bench.add_argument("--build-dir", type=Path,
                        help="with --latency/--nncf: where the finished builds are (default: build); "
@@ -73,6 +80,45 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", type=Path, help="the pipeline.yaml the builds used")
     bench.add_argument("build_args", nargs=argparse.REMAINDER,
                        help="options passed to every `build` after `--`, e.g. -- --weights random")
+
+    report = commands.add_parser("report", help="quantization accuracy report (report.md/.json/.html) of finished builds")
+    report.add_argument("build_dir", type=Path, nargs="?", default=Path("build"), metavar="BUILD_DIR",
+                        help="the build folder (default: build), or one build/<model>/<target> folder")
+    report.add_argument("--model", action="append", metavar="NAME", help="only these models")
+    report.add_argument("--target", choices=TARGET_CHOICES, help="only this target")
+    report.add_argument("--compare-calibration", action="store_true",
+                        help="also quantize with minmax / percentile / entropy and compare them (minutes)")
+    report.add_argument("--latency-seconds", type=float, default=2.0,
+                        help="timed seconds per artifact for the latency column (0: leave latency out)")
+
+    device = commands.add_parser("device-build", help="on the device: build the TensorRT engine from a bundle, check it, time it")
+    device.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder or bundle.tar.gz copied from the host")
+    device.add_argument("--precision", choices=("int8", "fp16", "fp32"), help="engine precision (default: the bundle's)")
+    device.add_argument("--variant", choices=("default", "fallback"), default="default",
+                        help="int8: 'fallback' uses the host's Q/DQ model with more layers kept in float")
+    device.add_argument("--dla-core", type=int, help="build for this DLA core with GPU fallback (Jetson Orin; default: pipeline.yaml's)")
+    device.add_argument("--seconds", type=float, default=10.0, help="timed seconds for latency and throughput (default 10)")
+    device.add_argument("--no-trtexec", action="store_true", help="do not time the engine with trtexec as well")
+    device.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+
+    verify = commands.add_parser("verify", help="on the CPU it landed on: check a CPU artifact's accuracy on its golden data, time it")
+    verify.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="bundle folder (or its build folder, or bundle.tar.gz)")
+    verify.add_argument("--seconds", type=float, default=5.0, help="timed seconds for latency (default 5)")
+    verify.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+
+    run = commands.add_parser("run", help="classify a video, camera, image folder or GStreamer pipeline with a built artifact")
+    run.add_argument("--artifact", type=Path, required=True, metavar="DIR", help="bundle folder (or its build folder)")
+    run.add_argument("--source", required=True,
+                     help="video file, camera index (0), image folder, or a GStreamer pipeline string")
+    run.add_argument("--rgb", action="store_true", help="frames are RGB (default: BGR, as OpenCV and cameras deliver)")
+    run.add_argument("--top-k", type=int, default=5, help="classes per frame (default 5)")
+    run.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: until the source ends)")
+    run.add_argument("--json", action="store_true", help="one JSON line per frame on stdout")
+
+    deepstream = commands.add_parser("deepstream", help="write a DeepStream nvinfer classifier configuration for a bundle")
+    deepstream.add_argument("artifact", type=Path, metavar="DIR", help="bundle folder (or its build folder)")
+    deepstream.add_argument("--output", type=Path, help="configuration file (default: DIR/deepstream_nvinfer.txt)")
+    deepstream.add_argument("--batch-size", type=int, default=1, help="nvinfer batch-size (default 1)")
     return parser
 
 
@@ -117,8 +163,6 @@ def _config(args):
         quantization["method"] = args.calibration_method
     if quantization:
         overrides["quantization"] = quantization
-    if args.target in ("jetson", "desktop-gpu"):
-        raise PipelineError(f"--target {args.target}: TensorRT targets are not available in this version yet; use --target cpu")
     config = load_config(args.config, overrides)
     return config, _model_names(config)
 
@@ -157,6 +201,11 @@ def _build(args) -> int:
         reporter.drift_table(name, manifest)
         root = Path(config.build_dir) / name / config.target
         reporter.say(f"  artifacts: {root}/ (deployed: {manifest['deployed']['artifact']})")
+        if not args.no_report:
+            from pipeline.report import write_report
+
+            written = write_report(root, latency_seconds=1.0, reporter=reporter)
+            reporter.say(f"  report: {written}")
     if args.json:
         print(json.dumps(manifests, indent=2, default=str))
     return 0
@@ -207,7 +256,7 @@ def _benchmark(args) -> int:
     for name in names:
         get_spec(name)
     extra = [a for a in args.build_args if a != "--"]
-    if args.latency or args.nncf:
+    if args.latency or args.nncf or args.throughput or args.frame_path:
         overrides = {"build_dir": str(args.build_dir)} if args.build_dir else {}
         if "IMAGENET_DIR" in os.environ:
             overrides["data"] = {"imagenet": os.environ["IMAGENET_DIR"]}
@@ -216,15 +265,39 @@ def _benchmark(args) -> int:
             print(benchmark.benchmark_latency(config, names, args.seconds))
         if args.nncf:
             print(benchmark.compare_nncf(config, names, args.seconds))
+        if args.throughput:
+            print(benchmark.benchmark_throughput(config, names, args.seconds))
+        if args.frame_path:
+            print(benchmark.benchmark_frame_path(config, names, args.seconds))
         return 0
     print(benchmark.benchmark_builds(names, extra, keep_in=args.build_dir))
     return 0
 
 
+def _module_command(module: str):
+    """A command implemented by `module.command(args) -> exit code`, imported only when it runs."""
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).command(args)
+
+    return run
+
+
+_COMMANDS = {
+    "build": _build, "stages": _stages, "clean": _clean, "benchmark": _benchmark,
+    "report": _module_command("pipeline.report"),
+    "device-build": _module_command("pipeline.device_build"),
+    "verify": _module_command("pipeline.verify"),
+    "run": _module_command("pipeline.runtime.run"),
+    "deepstream": _module_command("pipeline.runtime.deepstream"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"build": _build, "stages": _stages, "clean": _clean, "benchmark": _benchmark}[args.command](args)
+        return _COMMANDS[args.command](args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -17,7 +17,8 @@ import yaml
 from pipeline.drift import DriftBudget
 from pipeline.errors import PipelineError
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "jetson", "desktop-gpu")
+GPU_TARGETS = ("jetson", "desktop-gpu")
 PRECISIONS = ("int8", "fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "f16")
@@ -65,6 +66,22 @@ class OpenVinoOptions:
 
 
 @dataclass(frozen=True)
+class TensorRtOptions:
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    workspace_mib: int = 2048
+    dla_core: int = -1  # -1: GPU only; 0/1: that DLA core with GPU fallback (Jetson Orin)
+    timing_cache: str = "tensorrt-timing.cache"  # relative paths lie beside the device's engines
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    golden_images: int = 256
+    include_wheel: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     build_dir: str
     models: tuple[str, ...]
@@ -77,6 +94,8 @@ class Config:
     quantization: QuantizationOptions
     openvino: OpenVinoOptions
     drift: dict[str, DriftBudget]
+    tensorrt: TensorRtOptions = field(default_factory=TensorRtOptions)
+    bundle: BundleOptions = field(default_factory=BundleOptions)
     random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
     unlabelled_drift: dict[str, DriftBudget] = field(default_factory=dict)
 
@@ -151,7 +170,7 @@ def _convert(value: Any, kind: Any, name: str, where: str) -> Any:
         return tuple(_convert(item, get_args(kind)[0], name, where) for item in items)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind in (int, float, str) and (type(value) is not kind):
+    if kind in (int, float, str, bool) and (type(value) is not kind):
         raise PipelineError(f"{where}: '{name}' must be {kind.__name__}, not {value!r}")
     return value
 
@@ -226,6 +245,8 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         export=_build_dataclass(ExportOptions, data.get("export") or {}, "export.", source),
         quantization=_build_dataclass(QuantizationOptions, data.get("quantization") or {}, "quantization.", source),
         openvino=_build_dataclass(OpenVinoOptions, data.get("openvino") or {}, "openvino.", source),
+        tensorrt=_build_dataclass(TensorRtOptions, data.get("tensorrt") or {}, "tensorrt.", source),
+        bundle=_build_dataclass(BundleOptions, data.get("bundle") or {}, "bundle.", source),
         drift=_budgets(drift, "drift", source),
         random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
         unlabelled_drift=_budgets(unlabelled_drift, "drift.unlabelled", source),
@@ -252,12 +273,21 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
         "quantization.sensitivity_images": config.quantization.sensitivity_images,
         "quantization.histogram_bins": config.quantization.histogram_bins,
         "quantization.fallback_group": config.quantization.fallback_group,
+        "tensorrt.min_batch": config.tensorrt.min_batch,
+        "tensorrt.workspace_mib": config.tensorrt.workspace_mib,
+        "bundle.golden_images": config.bundle.golden_images,
     }
     for name, value in positive.items():
         if value < 1:
             raise PipelineError(f"{source}: '{name}' must be at least 1, not {value}")
     if not 50.0 < config.quantization.percentile <= 100.0:
         raise PipelineError(f"{source}: 'quantization.percentile' must lie in (50, 100], not {config.quantization.percentile}")
+    trt = config.tensorrt
+    if not trt.min_batch <= trt.opt_batch <= trt.max_batch:
+        raise PipelineError(f"{source}: 'tensorrt' batch sizes must satisfy min_batch <= opt_batch <= max_batch, "
+                            f"not {trt.min_batch}, {trt.opt_batch}, {trt.max_batch}")
+    if trt.dla_core < -1:
+        raise PipelineError(f"{source}: 'tensorrt.dla_core' must be -1 (GPU only) or a DLA core number")
     if config.quantization.max_fallback_layers < 0:
         raise PipelineError(f"{source}: 'quantization.max_fallback_layers' must be 0 or more")
     for name in ("num_classes", "input_size"):

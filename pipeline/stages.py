@@ -23,6 +23,7 @@ ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"
 LOGITS_FILE = "logits.npy"
 LABELS_FILE = "labels.npy"
+IMAGES_FILE = "images.txt"  # the evaluation images, one path per line, in the order of logits.npy
 TABLE_FILE = "calibration.json"
 GATE_FILE = "gate.json"
 
@@ -54,6 +55,7 @@ def produce_reference(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     logits = ctx.predict(TorchRunner(ctx.model.module), ctx.evaluation_count, "reference (torch FP32)")
     np.save(folder / LOGITS_FILE, logits)
     np.save(folder / LABELS_FILE, ctx.evaluation.labels[: len(logits)])
+    (folder / IMAGES_FILE).write_text("".join(f"{path}\n" for path in ctx.evaluation.paths[: len(logits)]))
     return {"images": len(logits), "num_classes": int(logits.shape[1])}
 
 

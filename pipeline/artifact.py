@@ -1,0 +1,176 @@
+"""The deployable bundle every build leaves in `build/<model>/<target>/bundle/`, and its reader.
+
+A bundle is self-describing: `manifest.json` names the model files per precision, the
+preprocessing, the golden data (uint8 crops, labels, torch FP32 reference logits), the drift budget
+per precision, and the accuracy measured on the host. Device-side commands (`device-build`,
+`verify`) and the camera runtime read bundles through `Bundle.open` only, so this module imports
+nothing but numpy and the standard library, and runs on Python 3.10 (JetPack 6).
+
+Layout (paths relative to the bundle folder; the manifest is written last, as the completion marker):
+
+    manifest.json            format BUNDLE_FORMAT, see `Bundle`
+    labels.txt               one class name per line
+    README.md                what the bundle is and how to use it on the device
+    calibration.json         INT8 builds: the version-neutral calibration table
+    models/                  fp32.onnx, fp16.onnx, int8_qdq.onnx, int8_qdq_fp16.onnx,
+                             int8_qdq_fallback.onnx (GPU targets); model.xml + model.bin (CPU target)
+    golden/inputs_uint8.npy  N x H x W x 3 RGB uint8 crops (resize + center crop, before normalisation)
+    golden/labels.npy        N int64 class indices, -1 where unknown
+    golden/reference_logits.npy   N x C float32, torch FP32
+    golden/intermediates.npz GPU targets: FP32 ONNX values of marked intermediate tensors (first images)
+    trtexec.txt              GPU targets: equivalent trtexec command lines
+    wheel/*.whl              the project's own wheel, for an offline install
+    engines/                 written on the device by device-build (never by the host)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+BUNDLE_FORMAT = "inception-edge-bundle/1"
+MANIFEST = "manifest.json"
+BUNDLE_DIR = "bundle"
+BUNDLE_ARCHIVE = "bundle.tar.gz"
+GOLDEN_INPUTS = "golden/inputs_uint8.npy"
+GOLDEN_LABELS = "golden/labels.npy"
+GOLDEN_REFERENCE = "golden/reference_logits.npy"
+GOLDEN_INTERMEDIATES = "golden/intermediates.npz"
+ENGINES_DIR = "engines"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An opened, checked bundle.
+
+    `manifest` keys (all written by `pipeline.bundle`):
+      format, pipeline_version, model, target ("cpu" | "jetson" | "desktop-gpu"), precision (deployed:
+      "int8" | "fp16" | "fp32"), random_weights (bool), labelled (bool),
+      input {name, layout "NCHW", size, dtype "float32"}, output {name, classes},
+      preprocessing {crop, resize, crop_pct, interpolation, mean, std} (as calibration.Preprocessing),
+      labels "labels.txt",
+      golden {images, inputs, labels, reference, intermediates (or null)},
+      artifacts {precision: {file, kind "onnx" | "openvino", ...}}: GPU int8 also has strongly_typed,
+        fallback, calibration; CPU has inference_precision,
+      budgets {precision: DriftBudget.as_dict()}: what the device is judged on,
+      expected {precision: {top1, top5, agreement, images, source, host_proxy}} measured on the host,
+      tolerance {precision: {max_abs}}: ONNX Runtime on the host reproduces the golden logits within it,
+      tensorrt {min_batch, opt_batch, max_batch, workspace_mib, dla_core, timing_cache} (GPU targets),
+      trtexec [command lines], wheel (file name or null), host {...}, files {relative path: sha256}.
+    """
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, check_hashes: bool = True) -> "Bundle":
+        """Open a bundle folder, a build folder holding `bundle/`, or a `bundle.tar.gz` (extracted beside it)."""
+        path = Path(path)
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            path = extract_archive(path)
+        elif path.is_dir() and not (path / MANIFEST).is_file() and (path / BUNDLE_DIR / MANIFEST).is_file():
+            path = path / BUNDLE_DIR
+        if not path.exists():
+            raise PipelineError(f"{path}: no such bundle (give a bundle folder, its build folder, or bundle.tar.gz)")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise PipelineError(f"{path}: not a bundle ({MANIFEST} missing): give build/<model>/<target>/bundle or its .tar.gz")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise PipelineError(f"{manifest_path}: unreadable bundle manifest ({error}): copy the bundle again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise PipelineError(f"{manifest_path}: bundle format {found!r}, this version reads {BUNDLE_FORMAT!r}: "
+                                "rebuild the bundle with this version of the pipeline")
+        bundle = cls(path, manifest)
+        bundle.check_files(hashes=check_hashes)
+        return bundle
+
+    def check_files(self, hashes: bool = True) -> None:
+        """Every file the manifest lists exists (and has its recorded sha256): a clear error otherwise."""
+        for relative, expected in self.manifest.get("files", {}).items():
+            file = self.root / relative
+            if not file.is_file():
+                raise PipelineError(f"{file}: missing from the bundle: copy the whole bundle (or its .tar.gz) again")
+            if hashes and sha256_file(file) != expected:
+                raise PipelineError(f"{file}: damaged (sha256 differs from the bundle manifest): copy the bundle again")
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def artifact(self, precision: str | None = None) -> dict:
+        precision = precision or self.precision
+        artifacts = self.manifest.get("artifacts", {})
+        if precision not in artifacts:
+            raise PipelineError(f"{self.root}: the bundle has no {precision} model (it has: {', '.join(artifacts) or 'none'})")
+        return artifacts[precision]
+
+    def labels(self) -> list[str]:
+        return [line.strip() for line in self.path(self.manifest.get("labels", "labels.txt")).read_text().splitlines() if line.strip()]
+
+    def golden(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Golden (uint8 crops N x H x W x 3, labels N, reference logits N x C)."""
+        golden = self.manifest["golden"]
+        return (np.load(self.path(golden["inputs"])), np.load(self.path(golden["labels"])),
+                np.load(self.path(golden["reference"])))
+
+    def normalize(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 N x H x W x 3 crops -> float32 NCHW network input, with the bundle's mean/std."""
+        pre = self.manifest["preprocessing"]
+        x = crops.astype(np.float32) / 255.0
+        x = (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+        return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def extract_archive(archive: Path) -> Path:
+    """Extract `bundle.tar.gz` next to itself (once) and return the bundle folder."""
+    target = archive.parent / archive.name.replace(".tar.gz", "").replace(".tgz", "")
+    if (target / MANIFEST).is_file():
+        return target
+    partial = target.with_name(f".{target.name}.extracting")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:  # refuse absolute paths and '..' (a bundle never has them)
+                if member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise PipelineError(f"{archive}: unsafe path {member.name!r} in the archive")
+            tar.extractall(partial)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise PipelineError(f"{archive}: cannot extract the bundle ({error}): copy it again") from None
+    inner = [p for p in partial.iterdir()]
+    source = inner[0] if len(inner) == 1 and inner[0].is_dir() else partial
+    os.replace(source, target)
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
