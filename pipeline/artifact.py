@@ -84,7 +84,7 @@ class Bundle:
         path = Path(path)
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
             path = extract_archive(path)
-        elif path.is_dir() and not (path / MANIFEST).is_file() and (path / BUNDLE_DIR / MANIFEST).is_file():
+        elif path.is_dir() and (path / BUNDLE_DIR / MANIFEST).is_file():  # a build folder (a bundle never holds bundle/)
             path = path / BUNDLE_DIR
         if not path.exists():
             raise PipelineError(f"{path}: no such bundle (give a bundle folder, its build folder, or bundle.tar.gz)")

@@ -1,7 +1,18 @@
-"""`python -m pipeline benchmark`: wall time and peak memory of a cold build and of a cached re-run.
+"""`python -m pipeline benchmark`: wall time and peak memory of a cold build and of a cached re-run;
+on finished builds, latency (`--latency`, p50/p90/p99), throughput (`--throughput`, best batch /
+streams), the camera runtime's frame path (`--frame-path`) and NNCF against our INT8 (`--nncf`).
 
 Each build runs as a child process (`python -m pipeline build ...`) so that its peak resident memory
 is its own (`os.wait4` returns the child's rusage).
+
+Every measurement on a finished build is also merged into `build/<model>/<target>/benchmark.json`
+(written atomically) for the report:
+
+    {"format": BENCHMARK_FORMAT, "model", "target", "updated": ISO time, "machine": {...},
+     "latency" | "throughput" | "frame_path" | "nncf": {"time", "machine", "seconds", "markdown",
+                                                        "rows": [flat row dicts], ...}}
+
+A section is replaced by the next run of its mode; the others are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +29,10 @@ import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+
+BENCHMARK_FILE = "benchmark.json"
+BENCHMARK_FORMAT = "inception-edge-benchmark/1"
+SECTIONS = ("latency", "throughput", "frame_path", "nncf")
 
 
 def _timed_build(args: list[str]) -> tuple[float, float]:
@@ -128,31 +143,215 @@ def benchmark_latency(config, models: list[str], seconds: float) -> str:
     """Batch-1 latency of every artifact of finished builds, side by side, with benchmark_app."""
     from pipeline.latency import LatencySettings, latency_for_build
 
+    _check_seconds(seconds)
     sections = []
     for model in models:
         root = _built_root(config, model)
         manifest = json.loads((root / "manifest.json").read_text())
         table = latency_for_build(root, _torch_factory(model, manifest), LatencySettings(seconds=seconds),
                                   progress=lambda text: print(f"  {model}: {text}", file=sys.stderr))
+        rows = [_latency_row(row, table.speedup(row.key)) for row in table.rows]
+        write_benchmark_section(root, "latency", {
+            "seconds": seconds, "markdown": table.markdown, "threads": table.threads,
+            "load_average": table.load_average, "benchmark_app_gap": table.benchmark_app_gap, "rows": rows})
         sections.append(f"### {model}\n\n{table.markdown}")
     return "\n\n".join(sections)
 
 
+def _latency_row(row, speedup: float | None) -> dict:
+    r = row.result
+    return {"key": row.key, "back_end": row.label, "artifact": row.artifact, "ran_in": row.ran_in,
+            "threads": row.threads, "p50_ms": _field(r, "p50_ms"), "p90_ms": _field(r, "p90_ms"),
+            "p99_ms": _field(r, "p99_ms"), "mean_ms": _field(r, "mean_ms"),
+            "images_per_second": _field(r, "throughput_ips"), "iterations": _field(r, "iterations"),
+            "speedup_vs_torch": speedup, "note": row.note}
+
+
+def _field(result, name: str):
+    """A figure of a measured row, None for a row that was not measured."""
+    return None if result is None else getattr(result, name)
+
+
+def benchmark_throughput(config, models: list[str], seconds: float) -> str:
+    """Images per second of every artifact of finished builds at its best batch / streams, with benchmark_app."""
+    from pipeline.latency import ThroughputSettings, throughput_for_build
+
+    _check_seconds(seconds)
+    sections = []
+    for model in models:
+        root = _built_root(config, model)
+        table = throughput_for_build(root, ThroughputSettings(seconds=seconds),
+                                     progress=lambda text: print(f"  {model}: {text}", file=sys.stderr))
+        rows = []
+        for row in table.rows:
+            best = row.best
+            rows.append({"key": row.key, "back_end": row.label, "artifact": row.artifact, "ran_in": row.ran_in,
+                         "threads": row.threads, "best_batch": _field(best, "batch"),
+                         "requests_in_flight": _field(best, "requests"), "streams": _field(best, "streams"),
+                         "images_per_second": _field(best, "images_per_second"),
+                         "images_per_second_by_batch": {str(r.batch): r.images_per_second for r in row.tried},
+                         "note": row.note})
+        settings = table.settings
+        write_benchmark_section(root, "throughput", {
+            "seconds": seconds, "markdown": table.markdown, "openvino_batches": list(settings.openvino_batches),
+            "onnx_batches": list(settings.onnx_batches), "load_average": table.load_average,
+            "benchmark_app_gap": table.benchmark_app_gap, "rows": rows})
+        sections.append(f"### {model}\n\n{table.markdown}")
+    return "\n\n".join(sections)
+
+
+FRAME_SIZE = (1280, 720)  # a 720p camera frame
+
+
+def benchmark_frame_path(config, models: list[str], seconds: float) -> str:
+    """decode + preprocess + infer per frame through the camera runtime, for each model of each bundle precision."""
+    from pipeline.latency import PREPROCESS_SHARE_GOAL, _machine, frame_path_markdown, measure_frame_path
+    from pipeline.runtime import Classifier
+
+    _check_seconds(seconds)
+    roots = {model: _built_root(config, model) for model in models}
+    jpeg, source = frame_jpeg(Path(config.data.imagenet))
+    sections = []
+    for model, root in roots.items():
+        bundle = root / "bundle"
+        results, failures = [], {}
+        for precision in _bundle_precisions(bundle):
+            print(f"  {model}: frame path, {precision}", file=sys.stderr)
+            try:
+                with Classifier.open(bundle, precision=precision) as classifier:
+                    results.append(measure_frame_path(classifier, jpeg, seconds))
+            except Exception as error:  # PipelineError or a back end's own: a row that says so, not a crash
+                failures[precision] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        markdown = frame_path_markdown(results, _machine(), seconds, source, failures)
+        int8 = [r for r in results if r.precision == "int8"]
+        share = int8[0].preprocess_share if int8 else None
+        write_benchmark_section(root, "frame_path", {
+            "seconds": seconds, "markdown": markdown, "frame": source, "bundle": str(bundle),
+            "preprocess_share_of_int8_infer": share, "goal": PREPROCESS_SHARE_GOAL,
+            "goal_met": None if share is None else share < PREPROCESS_SHARE_GOAL,
+            "rows": [_frame_row(r) for r in results] + [{"precision": precision, "note": f"failed: {error}"}
+                                                        for precision, error in failures.items()]})
+        sections.append(f"### {model}\n\n{markdown}")
+    return "\n\n".join(sections)
+
+
+def _frame_row(result) -> dict:
+    p, t = result.parts, result.total
+    return {"precision": result.precision, "back_end": result.backend, "frame": f"{result.frame[0]}x{result.frame[1]}",
+            "decode_ms": p["decode"].p50_ms, "preprocess_ms": p["preprocess"].p50_ms, "infer_ms": p["infer"].p50_ms,
+            "top_k_ms": p["top_k"].p50_ms, "total_p50_ms": t.p50_ms, "total_p90_ms": t.p90_ms,
+            "total_p99_ms": t.p99_ms, "total_mean_ms": t.mean_ms, "fps": result.fps,
+            "preprocess_share_of_infer": result.preprocess_share, "normalisation": result.normalisation}
+
+
+def _bundle_precisions(bundle: Path) -> list[str]:
+    """The precisions a bundle carries, the deployed one first."""
+    if not (bundle / "manifest.json").is_file():
+        raise PipelineError(f"no bundle in {bundle}: rebuild with this version of the pipeline "
+                            "(`python -m pipeline build ...` writes build/<model>/<target>/bundle/)")
+    from pipeline.artifact import Bundle
+
+    manifest = Bundle.open(bundle, check_hashes=False).manifest
+    return [manifest["precision"], *(p for p in manifest.get("artifacts", {}) if p != manifest["precision"])]
+
+
+def frame_jpeg(imagenet: Path, size: tuple[int, int] = FRAME_SIZE, quality: int = 90) -> tuple[bytes, str]:
+    """A `size` (width, height) JPEG made from the first image of ImageNet's val/ list: a camera-like frame.
+
+    Returns (the JPEG bytes, a description of where it came from)."""
+    import cv2
+
+    listing = imagenet / "val" / "val.txt"
+    try:
+        first = next(line.split()[0] for line in listing.read_text().splitlines() if line.strip())
+    except (OSError, StopIteration):
+        raise PipelineError(f"{listing}: no ImageNet val images to make a frame from: set IMAGENET_DIR "
+                            "(or data.imagenet in --config) to an ImageNet root with val/val.txt") from None
+    image = cv2.imread(str(imagenet / "val" / first), cv2.IMREAD_COLOR)
+    if image is None:
+        raise PipelineError(f"{imagenet / 'val' / first}: not a readable image: check the ImageNet folder")
+    frame = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+    ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise PipelineError("OpenCV could not encode the benchmark frame as JPEG")
+    return encoded.tobytes(), f"{size[0]}x{size[1]} JPEG (quality {quality}) of val/{first}"
+
+
+def _check_seconds(seconds: float) -> None:
+    if not seconds > 0:
+        raise PipelineError(f"--seconds must be positive, got {seconds}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmark.json
+
+
+def machine_description() -> dict:
+    """What the figures were measured on."""
+    from pipeline.build import _cpu_name
+    from pipeline.latency import _cores
+
+    versions = {}
+    for module in ("onnxruntime", "openvino", "cv2", "numpy"):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            versions[module] = loaded.get_version().split("-")[0] if module == "openvino" else getattr(loaded, "__version__", None)
+    return {"cpu": _cpu_name(), "cores": _cores(), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def write_benchmark_section(root: Path, section: str, data: dict) -> Path:
+    """Merge one section into `root/benchmark.json` (atomically); the other sections are kept."""
+    from datetime import datetime, timezone
+
+    from pipeline.cache import write_json_atomic
+
+    if section not in SECTIONS:
+        raise ValueError(f"unknown benchmark section {section!r}: use one of {SECTIONS}")
+    path = Path(root) / BENCHMARK_FILE
+    document = read_benchmark(path) or {}
+    if document.get("format") != BENCHMARK_FORMAT:
+        document = {}  # an older layout: start again rather than mix two
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = machine_description()
+    manifest = json.loads((Path(root) / "manifest.json").read_text())
+    document.update({"format": BENCHMARK_FORMAT, "model": manifest.get("model"), "target": manifest.get("target"),
+                     "updated": now, "machine": machine})
+    document[section] = {"time": now, "machine": machine, **data}
+    write_json_atomic(path, document)
+    return path
+
+
+def read_benchmark(path: Path) -> dict | None:
+    """benchmark.json, or None when it is absent or unreadable (it is then rewritten from scratch)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def compare_nncf(config, models: list[str], seconds: float) -> str:
     """NNCF's own `nncf.quantize` against our Q/DQ path, same calibration images, same evaluation."""
+    from pipeline import stages as stage_graphs
     from pipeline.build import BuildContext
     from pipeline.cache import StageRecord
     from pipeline.latency import OpenVinoLatencyRunner, measure_latency
     from pipeline.progress import Reporter
-    from pipeline.stages import cpu_stages
     from targets.nncf_quantizer import nncf_quantize_ir
     from targets.openvino import OpenVinoRunner
 
+    _check_seconds(seconds)
+    stages_for = getattr(stage_graphs, "stages_for", None) or stage_graphs.cpu_stages
     rows = []
     for model in models:
         root = _built_root(config, model)
+        if not (root / "openvino_int8" / "model.xml").is_file():
+            raise PipelineError(f"{root} has no OpenVINO INT8 IR: --nncf compares INT8 IRs of a CPU build "
+                                "(build with --target cpu --precision int8)")
         manifest = json.loads((root / "manifest.json").read_text())
-        ctx = BuildContext(config, model, Reporter(), cpu_stages(config))
+        ctx = BuildContext(config, model, Reporter(), stages_for(config))
+        model_rows = []
         reference = StageRecord(root / "reference", json.loads((root / "reference" / "stage.json").read_text()))
         count = config.quantization.evaluation_images
         crops = ctx.calibration.crops
@@ -174,12 +373,19 @@ def compare_nncf(config, models: list[str], seconds: float) -> str:
                 latency = measure_latency(lambda: OpenVinoLatencyRunner(path, ctx.deployed_openvino_hint), shape,
                                           seconds=seconds, name=name)
                 d = result.as_dict()
+                model_rows.append({"int8_ir_from": name, "quantize_time": took, "fp32_top1": d["ref_top1"],
+                                   "int8_top1": d["top1"], "flips_lost": d["flips_lost"],
+                                   "flips_gained": d["flips_gained"], "agreement": d["agreement"],
+                                   "sqnr_db": d["sqnr_db"], "centred_cosine": d["centred_cosine"],
+                                   "batch1_p50_ms": latency.p50_ms, "batch1_p90_ms": latency.p90_ms,
+                                   "batch1_p99_ms": latency.p99_ms})
                 rows.append(
                     f"| {model} | {name} | {took} | {_fmt(d['ref_top1'], '.2f')} | {_fmt(d['top1'], '.2f')} | "
                     f"{d['flips_lost'] if d['flips_lost'] is not None else '—'} / "
                     f"{d['flips_gained'] if d['flips_gained'] is not None else '—'} | {d['agreement']:.2%} | "
                     f"{_fmt(d['sqnr_db'], '.1f')} | {_fmt(d['centred_cosine'], '.4f')} | {latency.median_ms:.1f} |")
                 print(rows[-1], file=sys.stderr)
+        write_benchmark_section(root, "nncf", {"seconds": seconds, "rows": model_rows})
     return "\n".join([
         f"Machine: {_cpu()}. Calibration: {config.data.calibration_images} train-sample images; evaluation: "
         f"{config.quantization.evaluation_images} val images; OpenVINO precision of float layers: "

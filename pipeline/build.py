@@ -16,11 +16,11 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.cache import ArtifactCache, StageRecord, sha256_file, stable_hash, write_json_atomic
-from pipeline.config import Config
+from pipeline.config import GPU_TARGETS, Config
 from pipeline.drift import DriftResult, compare
 from pipeline.errors import DriftError, PipelineError
 from pipeline.progress import Reporter
-from pipeline.stages import DEPLOYED_STAGE, LABELS_FILE, LOGITS_FILE, Stage, cpu_stages
+from pipeline.stages import LABELS_FILE, LOGITS_FILE, Stage, deployed_stage, stages_for
 
 
 def tool_version(distribution: str) -> str:
@@ -55,10 +55,12 @@ class ImageSet:
 class BuildContext:
     """Everything a build reads, loaded only when a stage that needs it must actually run."""
 
-    def __init__(self, config: Config, model_name: str, reporter: Reporter, stages: list[Stage]):
+    def __init__(self, config: Config, model_name: str, reporter: Reporter, stages: list[Stage], root: Path | None = None):
         from pipeline.models import get_spec
 
         self.config = config
+        # build/<model>/<target>: the bundle reads the checks' logits there
+        self.root = root if root is not None else Path(config.build_dir) / model_name / config.target
         self.model_name = model_name
         self.spec = get_spec(model_name)
         self.reporter = reporter
@@ -277,9 +279,9 @@ class Builder:
         self.config = config
         self.reporter = reporter
         self.force = force
-        self.stages = cpu_stages(config)
-        self.ctx = BuildContext(config, model_name, reporter, self.stages)
+        self.stages = stages_for(config)
         self.root = Path(config.build_dir) / model_name / config.target
+        self.ctx = BuildContext(config, model_name, reporter, self.stages, self.root)
         self.cache = ArtifactCache(self.root)
         self._precision_ran: dict[str, str] = {}
 
@@ -299,6 +301,8 @@ class Builder:
                 raise
             if was_built:
                 built.append(stage.name)
+            if stage.name == "bundle":
+                self._write_archive(records["bundle"])
             if stage.name == "reference":  # the head's size is known now: check the labels early
                 self._write_labels(self._num_classes(records))
             if stage.runner is not None:
@@ -310,8 +314,47 @@ class Builder:
                     write_json_atomic(self.root / "manifest.json", manifest)
                     raise DriftError(f"{self.ctx.model_name}: stage '{stage.name}' is over its drift budget: {'; '.join(result.failures)}")
         manifest = self._manifest(records, drift, built, time.perf_counter() - started)
+        if self.config.target in GPU_TARGETS and "bundle" in records:
+            manifest.update(self._engine(records["bundle"]))
         write_json_atomic(self.root / "manifest.json", manifest)
+        if manifest.get("tensorrt", {}).get("passed") is False:
+            raise DriftError(f"{self.ctx.model_name}: the TensorRT engine is over its drift budget: "
+                             f"{'; '.join(manifest['tensorrt']['drift'].get('failures', []))}")
         return manifest
+
+    def _write_archive(self, bundle: StageRecord) -> None:
+        """bundle.tar.gz beside the bundle folder, rewritten only when the bundle is newer than it."""
+        from pipeline.artifact import BUNDLE_ARCHIVE
+        from pipeline.bundle import write_archive
+        from pipeline.cache import MARKER
+
+        archive = self.root / BUNDLE_ARCHIVE
+        if archive.is_file() and archive.stat().st_mtime_ns >= bundle.path(MARKER).stat().st_mtime_ns:
+            return
+        with self.reporter.status("writing bundle.tar.gz"):
+            write_archive(bundle.folder, archive)
+
+    def _engine(self, bundle: StageRecord) -> dict:
+        """GPU targets: build and check the engine here when TensorRT and a GPU are, else defer to the device."""
+        try:
+            from targets.tensorrt.device_info import tensorrt_status
+
+            ok, reason = tensorrt_status()
+        except ImportError as error:
+            ok, reason = False, f"targets.tensorrt.device_info is not available ({error})"
+        if not ok:
+            self.reporter.say(f"  TensorRT engine: deferred to the device ({reason}): copy bundle.tar.gz there and run "
+                              "`python -m pipeline device-build bundle.tar.gz`")
+            return {"deferred": {"stage": "tensorrt", "reason": reason}}
+        from pipeline.device_build import build_and_check
+
+        result = build_and_check(bundle.folder, self.config.precision, self.reporter)
+        drift = result.get("drift") or {}
+        self.reporter.say(f"  TensorRT engine ({self.config.precision}): "
+                          f"{'within budget' if result.get('passed') else 'over budget'}")
+        return {"tensorrt": {"stage": f"tensorrt_{self.config.precision}", "passed": bool(result.get("passed")),
+                             "drift": drift, "engine": result.get("engine"), "latency": result.get("latency"),
+                             "throughput": result.get("throughput"), "device": result.get("device")}}
 
     def _prepare_root(self) -> None:
         try:
@@ -374,7 +417,8 @@ class Builder:
                 runner = stage.runner(self.ctx, record)
                 np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
                 ran = getattr(runner, "execution_precision", "fp32")
-                info = {"runner": runner.name, "precision_ran": f"int8+{ran}" if stage.int8 else ran}
+                info = {"runner": runner.name, "precision_ran": f"int8+{ran}" if stage.int8 else ran,
+                        "artifact_key": record.key}
                 checked = self.cache.commit(check_name, key, folder, info)
         self._precision_ran[stage.name] = checked.data.get("precision_ran")
         return self.ctx.judge(stage.name, records["reference"], np.load(checked.path(LOGITS_FILE)))
@@ -404,7 +448,7 @@ class Builder:
 
     def _manifest(self, records, drift, built, seconds, failed: str | None = None) -> dict:
         ctx = self.ctx
-        deployed = DEPLOYED_STAGE[self.config.precision]
+        deployed = deployed_stage(self.config)
         return {
             "pipeline_version": __version__,
             "model": ctx.model_name,
@@ -414,9 +458,11 @@ class Builder:
             "deployed": {
                 "stage": deployed,
                 "artifact": f"{deployed}/{records[deployed].data['artifact']}" if deployed in records else None,
-                "inference_precision": "f32" if self.config.precision == "fp32" else self.config.openvino.inference_precision,
+                "inference_precision": None if self.config.target in GPU_TARGETS  # OpenVINO's; TensorRT's is the engine's
+                else "f32" if self.config.precision == "fp32" else self.config.openvino.inference_precision,
                 "int8_layers_in_float": records["quantize"].data.get("excluded_layers") if "quantize" in records else None,
             },
+            "bundle": {"folder": "bundle", "archive": "bundle.tar.gz"} if "bundle" in records else None,
             "weights": {**ctx.weights_identity, "random": ctx.random_weights,
                         "note": "random weights: accuracy figures are meaningless; drift is judged on mean-centred logits"
                         if ctx.random_weights else ""},

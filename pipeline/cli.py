@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("benchmark", help="time builds (cold, cached), artifact latency, or NNCF vs our INT8")
     bench.add_argument("--model", action="append", metavar="NAME", help="network to measure; repeat, or 'all'")
+    bench.add_argument("--target", choices=TARGET_CHOICES, help="with --latency/--throughput/--frame-path/--nncf: the build's target (default cpu)")
     bench.add_argument("--latency", action="store_true",
                        help="batch-1 latency of every artifact of a finished build (with benchmark_app)")
     bench.add_argument("--nncf", action="store_true", help="NNCF's nncf.quantize against our Q/DQ INT8 on a finished build")
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the camera runtime's end-to-end frame path (decode + preprocess + infer) on a finished build")
     bench.add_argument("--seconds", type=float, default=10.0, help="timed seconds per artifact (default 10)")
     bench.add_argument("--build-dir", type=Path,
-                       help="with --latency/--nncf: where the finished builds are (default: build); "
+                       help="with --latency/--throughput/--frame-path/--nncf: where the finished builds are (default: build); "
                             "otherwise: keep the measured builds there (default: temporary folders)")
     bench.add_argument("--config", type=Path, help="the pipeline.yaml the builds used")
     bench.add_argument("build_args", nargs=argparse.REMAINDER,
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--artifact", type=Path, required=True, metavar="DIR", help="bundle folder (or its build folder)")
     run.add_argument("--source", required=True,
                      help="video file, camera index (0), image folder, or a GStreamer pipeline string")
+    run.add_argument("--backend", choices=("tensorrt", "openvino", "onnxruntime"),
+                     help="force a back end (default: an engine built here, else the bundle's OpenVINO IR, else ONNX Runtime)")
+    run.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
     run.add_argument("--rgb", action="store_true", help="frames are RGB (default: BGR, as OpenCV and cameras deliver)")
     run.add_argument("--top-k", type=int, default=5, help="classes per frame (default 5)")
     run.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: until the source ends)")
@@ -213,13 +217,13 @@ def _build(args) -> int:
 
 def _stages(args) -> int:
     from pipeline.cache import MARKER
-    from pipeline.stages import cpu_stages
+    from pipeline.stages import stages_for
 
     config, names = _config(args)
     rows = []
     for name in names:
         root = Path(config.build_dir) / name / config.target
-        for stage in cpu_stages(config):
+        for stage in stages_for(config):
             done = (root / stage.name / MARKER).exists()
             rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
                          "description": stage.description, "built": done,
@@ -258,6 +262,8 @@ def _benchmark(args) -> int:
     extra = [a for a in args.build_args if a != "--"]
     if args.latency or args.nncf or args.throughput or args.frame_path:
         overrides = {"build_dir": str(args.build_dir)} if args.build_dir else {}
+        if args.target:
+            overrides["target"] = args.target
         if "IMAGENET_DIR" in os.environ:
             overrides["data"] = {"imagenet": os.environ["IMAGENET_DIR"]}
         config = load_config(args.config, overrides)

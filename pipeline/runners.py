@@ -101,9 +101,14 @@ class TorchRunner:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX file on ONNX Runtime's CPU provider; input/output names come from the model."""
+    """An ONNX file on ONNX Runtime's CPU provider; input/output names come from the model.
 
-    def __init__(self, path: str | Path, threads: int | None = None, name: str = "onnxruntime"):
+    `optimize=False` turns ONNX Runtime's graph optimizations off: its CPU provider computes
+    FP16-typed graphs wrongly with them on (fused FP16 kernels; design.md), so FP16 models run without.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, name: str = "onnxruntime",
+                 optimize: bool = True):
         import onnxruntime as ort
 
         path = Path(path)
@@ -112,6 +117,9 @@ class OnnxRuntimeRunner:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            name = f"{name} (graph optimizations off)"
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]

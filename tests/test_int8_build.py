@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli import main
 
-STAGES = ["reference", "export", "simplify", "openvino_fp32", "openvino_fp16", "calibrate", "quantize", "openvino_int8"]
+STAGES = ["reference", "export", "simplify", "openvino_fp32", "openvino_fp16", "calibrate", "quantize", "openvino_int8", "bundle"]
 
 
 def _manifest(build_dir: Path, model: str = "efficientnet_lite0") -> dict:
