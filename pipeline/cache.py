@@ -18,15 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.artifact import sha256_file  # noqa: F401  (one SHA-256 for stage files and bundles)
+
 MARKER = "stage.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stable_hash(value: Any) -> str:

@@ -18,7 +18,6 @@ on a CPU the result is only a proxy for what a GPU computes.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -107,12 +106,7 @@ def _existing(path: str | os.PathLike) -> Path:
 def _save(model, path: Path) -> None:
     import onnx
 
+    from pipeline.quantize import save_model_atomically
+
     onnx.checker.check_model(model)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    save_model_atomically(model, path)

@@ -160,7 +160,7 @@ def write_qdq_model(
     _drop_metadata(qdq, "onnx.infer")  # added by the shape-inference helper; not ours to ship
 
     onnx.checker.check_model(qdq)
-    _save_atomically(qdq, output_path)
+    save_model_atomically(qdq, output_path)
     placement = describe_placement(qdq)
     return QdqSummary(
         quantized_nodes=tuple(quantized),
@@ -316,7 +316,8 @@ def _load(model) -> "onnx.ModelProto":
     return onnx.load(str(path))
 
 
-def _save_atomically(model, path: Path) -> None:
+def save_model_atomically(model, path: Path) -> None:
+    """onnx.save to a temporary file in the same folder, then rename: never a half-written model."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.cache import stable_hash
 from pipeline.errors import PipelineError
+from pipeline.stages import FP16_TYPED_STAGES
 
 REPORT_DIR = "report"
 REPORT_FORMAT = "inception-edge-report/1"
@@ -293,7 +294,7 @@ def _latency(build: _Build, stage: str, artifact: str | None, cache: dict, secon
 
     def measure():
         say(f"  timing {stage} ({seconds:g} s)")
-        return _measure(path, hint, seconds)
+        return _measure(path, hint, seconds, optimize=stage not in FP16_TYPED_STAGES)
 
     try:
         value = _cached(cache, f"latency/{stage}", key, measure)
@@ -312,7 +313,7 @@ def _openvino_hint(manifest: dict, stage: str) -> str | None:
     return None if hint == "auto" else hint
 
 
-def _measure(path: Path, hint: str | None, seconds: float) -> dict:
+def _measure(path: Path, hint: str | None, seconds: float, optimize: bool = True) -> dict:
     from pipeline.latency import OpenVinoLatencyRunner, measure_latency
 
     if path.suffix == ".xml":
@@ -323,12 +324,12 @@ def _measure(path: Path, hint: str | None, seconds: float) -> dict:
     else:
         from pipeline.runners import OnnxRuntimeRunner
 
-        runner = OnnxRuntimeRunner(path, threads=os.cpu_count())
+        runner = OnnxRuntimeRunner(path, threads=os.cpu_count(), optimize=optimize)
         dims = runner.session.get_inputs()[0].shape[1:]
         if not all(isinstance(d, int) for d in dims):
             raise PipelineError(f"{path}: input shape {dims} is not static besides the batch")
         shape = [1, *dims]
-        note = "ONNX Runtime CPU"
+        note = "ONNX Runtime CPU" + ("" if optimize else " (graph optimizations off: FP16-typed)")
     result = measure_latency(runner, shape, warmup=3, seconds=seconds)
     return {"result": result.as_dict(), "note": f"{note}, batch 1, {result.iterations} runs"}
 

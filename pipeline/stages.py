@@ -27,6 +27,7 @@ ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"
 LOGITS_FILE = "logits.npy"
 LABELS_FILE = "labels.npy"
+FP16_TYPED_STAGES = ("fp16", "quantize_fp16")  # ONNX Runtime runs their ONNX right only with optimizations off
 IMAGES_FILE = "images.txt"  # the evaluation images, one path per line, in the order of logits.npy
 TABLE_FILE = "calibration.json"
 GATE_FILE = "gate.json"
