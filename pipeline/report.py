@@ -615,8 +615,9 @@ def _summary_section(report: dict, build: _Build) -> dict:
     pre = report["preprocessing"]
     blocks.append(("table", ["", ""], [
         ["model", str(report["model"])], ["target", str(report["target"])],
-        ["deployed", f"{deployed.get('artifact')} ({report['precision']}, OpenVINO precision "
-                     f"{deployed.get('inference_precision')})"],
+        ["deployed", f"{deployed.get('artifact')} ({report['precision']}"
+                     + (f", OpenVINO precision {deployed['inference_precision']})" if deployed.get("inference_precision")
+                        else ", engine built on the device)")],
         ["layers kept in float", ", ".join(deployed.get("int8_layers_in_float") or []) or "none"],
         ["weights", _weights_text(report["weights"])],
         ["preprocessing", f"resize {pre.get('resize')} ({pre.get('interpolation')}), center crop {pre.get('crop')}, "
