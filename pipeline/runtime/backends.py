@@ -166,7 +166,7 @@ def _openvino_finished(request, userdata) -> None:
 class OnnxRuntimeBackend(_ThreadedAsync, Backend):
     """An ONNX model on ONNX Runtime (CPU, or CUDA when asked), fed by the numpy normaliser."""
 
-    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None):
+    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None, optimize: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -188,7 +188,7 @@ class OnnxRuntimeBackend(_ThreadedAsync, Backend):
             options.intra_op_num_threads = threads
         try:
             # ONNX Runtime's CPU provider computes FP16-typed graphs wrongly with its graph optimizations.
-            if providers[0] == "CPUExecutionProvider" and _is_fp16_typed(onnx):
+            if providers[0] == "CPUExecutionProvider" and not optimize:
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             self.session = ort.InferenceSession(str(onnx), options, providers=providers)
         except PipelineError:
@@ -204,11 +204,6 @@ class OnnxRuntimeBackend(_ThreadedAsync, Backend):
         x = self.normalize(crops, rgb).astype(self.input_type, copy=False)
         (logits,) = self.session.run([self.output_name], {self.input_name: x})
         return logits.astype(np.float32, copy=False)
-
-
-def _is_fp16_typed(onnx: Path) -> bool:
-    """The bundle's FP16-typed models: fp16.onnx and int8_qdq_fp16.onnx (names fixed by the bundle format)."""
-    return onnx.stem.endswith("fp16")
 
 
 class TensorRtBackend(_ThreadedAsync, Backend):

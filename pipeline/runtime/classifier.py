@@ -73,7 +73,9 @@ class Classifier:
             runner = OpenVinoBackend(choice.file, mean, std, device, None if hint in (None, "auto") else hint,
                                      throughput)
         else:
-            runner = OnnxRuntimeBackend(choice.file, mean, std, device)
+            # The bundle says which of its ONNX models ONNX Runtime must run without graph optimizations
+            # (the FP16-typed ones: its CPU provider computes them wrongly otherwise).
+            runner = OnnxRuntimeBackend(choice.file, mean, std, device, optimize=artifact.get("optimize") is not False)
         return cls(bundle, runner, precision, choice.reason)
 
     # -- synchronous ----------------------------------------------------------------------------
