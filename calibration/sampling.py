@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from calibration.datasets import ImageRecord, file_sha256
+from calibration.datasets import ImageRecord
+from calibration.images import file_sha256
 from pipeline.errors import PipelineError
 
 

@@ -43,11 +43,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calibration import METHODS  # noqa: F401  (the one list of methods, re-exported)
 from calibration.preprocess import Preprocessing
 from pipeline.errors import PipelineError
 
 FORMAT = "inception-edge-calibration/1"
-METHODS = ("minmax", "percentile", "entropy")
 NUM_QUANTIZED_BINS = 128  # symmetric INT8: levels 0..127 on each side of zero
 INT8_MAX = 127
 ZERO_TENSOR_AMAX = 1e-6  # any positive value works for an all-zero tensor; 1e-6 / 127 is a normal float32
@@ -324,7 +324,8 @@ class _TensorReader:
 
     def __init__(self, path: Path, names: list[str], threads: int | None):
         import onnx
-        import onnxruntime as ort
+
+        from targets.onnxruntime import open_session
 
         if not path.is_file():
             raise PipelineError(f"ONNX model not found: {path}")
@@ -349,15 +350,7 @@ class _TensorReader:
             if name != self.input_name and name not in outputs:
                 graph.output.append(onnx.ValueInfoProto(name=name))  # ONNX Runtime infers the type
 
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises several private exception types
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise PipelineError(f"cannot load ONNX model {path}: {first_line}") from None
+        self.session = open_session(model, threads, what=str(path))
         self.names = names
         self.fetched = [n for n in names if n != self.input_name]
         self.path = path

@@ -59,7 +59,7 @@ def sha256_file(path: Path) -> str:
 class Bundle:
     """An opened, checked bundle.
 
-    `manifest` keys (all written by `pipeline.bundle`):
+    `manifest` keys (all written by `pipeline.stages.bundle`):
       format, pipeline_version, model, target ("cpu" | "jetson" | "desktop-gpu"), precision (deployed:
       "int8" | "fp16" | "fp32"), random_weights (bool), labelled (bool),
       input {name, layout "NCHW", size, dtype "float32"}, output {name, classes},

@@ -14,9 +14,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from calibration import METHODS as CALIBRATION_METHODS
 from pipeline.errors import PipelineError
-
-TARGET_CHOICES = ("cpu", "jetson", "desktop-gpu")
+from pipeline.plan import build_root
+from pipeline.runtime.backends import BACKENDS
+from targets import TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, help="a pipeline.yaml whose keys override the defaults")
-    common.add_argument("--target", choices=TARGET_CHOICES, help="where the artifact runs (default: pipeline.yaml's target)")
+    common.add_argument("--target", choices=TARGETS, help="where the artifact runs (default: pipeline.yaml's target)")
     common.add_argument("--model", action="append", metavar="NAME",
                         help="network to build; repeat for several, or 'all' (default: pipeline.yaml's models)")
     common.add_argument("--build-dir", type=Path, help="artifact folder (default: build)")
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--eval-images", type=int, help="evaluation images per lossless drift check (default 64)")
     build.add_argument("--int8-eval-images", type=int, help="evaluation images the INT8 stages are judged on (default 650)")
     build.add_argument("--calibration-images", type=int, help="calibration images (default 512)")
-    build.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"),
+    build.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                        help="how activation ranges are chosen (default percentile)")
     build.add_argument("--force", action="store_true", help="rebuild every stage, ignoring the cache")
     build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("benchmark", help="time builds (cold, cached), artifact latency, or NNCF vs our INT8")
     bench.add_argument("--model", action="append", metavar="NAME", help="network to measure; repeat, or 'all'")
-    bench.add_argument("--target", choices=TARGET_CHOICES, help="with --latency/--throughput/--frame-path/--nncf: the build's target (default cpu)")
+    bench.add_argument("--target", choices=TARGETS, help="with --latency/--throughput/--frame-path/--nncf: the build's target (default cpu)")
     bench.add_argument("--latency", action="store_true",
                        help="batch-1 latency of every artifact of a finished build (with benchmark_app)")
     bench.add_argument("--nncf", action="store_true", help="NNCF's nncf.quantize against our Q/DQ INT8 on a finished build")
@@ -86,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("build_dir", type=Path, nargs="?", default=Path("build"), metavar="BUILD_DIR",
                         help="the build folder (default: build), or one build/<model>/<target> folder")
     report.add_argument("--model", action="append", metavar="NAME", help="only these models")
-    report.add_argument("--target", choices=TARGET_CHOICES, help="only this target")
+    report.add_argument("--target", choices=TARGETS, help="only this target")
     report.add_argument("--compare-calibration", action="store_true",
                         help="also quantize with minmax / percentile / entropy and compare them (minutes)")
     report.add_argument("--latency-seconds", type=float, default=2.0,
@@ -111,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--artifact", type=Path, required=True, metavar="DIR", help="bundle folder (or its build folder)")
     run.add_argument("--source", required=True,
                      help="video file, camera index (0), image folder, or a GStreamer pipeline string")
-    run.add_argument("--backend", choices=("tensorrt", "openvino", "onnxruntime"),
+    run.add_argument("--backend", choices=BACKENDS,
                      help="force a back end (default: an engine built here, else the bundle's OpenVINO IR, else ONNX Runtime)")
     run.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
     run.add_argument("--rgb", action="store_true", help="frames are RGB (default: BGR, as OpenCV and cameras deliver)")
@@ -203,7 +205,7 @@ def _build(args) -> int:
         built = manifest["built_this_run"]
         reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
         reporter.drift_table(name, manifest)
-        root = Path(config.build_dir) / name / config.target
+        root = build_root(config.build_dir, name, config.target)
         reporter.say(f"  artifacts: {root}/ (deployed: {manifest['deployed']['artifact']})")
         if not args.no_report:
             from pipeline.report import write_report
@@ -222,7 +224,7 @@ def _stages(args) -> int:
     config, names = _config(args)
     rows = []
     for name in names:
-        root = Path(config.build_dir) / name / config.target
+        root = build_root(config.build_dir, name, config.target)
         for stage in stages_for(config):
             done = (root / stage.name / MARKER).exists()
             rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
@@ -241,7 +243,7 @@ def _stages(args) -> int:
 def _clean(args) -> int:
     config, names = _config(args)
     for name in names:
-        root = Path(config.build_dir) / name / config.target
+        root = build_root(config.build_dir, name, config.target)
         if root.exists():
             shutil.rmtree(root)
             print(f"removed {root}")
@@ -251,8 +253,9 @@ def _clean(args) -> int:
 
 
 def _benchmark(args) -> int:
-    from pipeline import benchmark
     from pipeline.config import load_config
+    from pipeline.measure import benchmark
+    from pipeline.measure.nncf import compare_nncf
     from pipeline.models import MODELS, get_spec
 
     names = args.model or ["inception_v4"]
@@ -270,7 +273,7 @@ def _benchmark(args) -> int:
         if args.latency:
             print(benchmark.benchmark_latency(config, names, args.seconds))
         if args.nncf:
-            print(benchmark.compare_nncf(config, names, args.seconds))
+            print(compare_nncf(config, names, args.seconds))
         if args.throughput:
             print(benchmark.benchmark_throughput(config, names, args.seconds))
         if args.frame_path:

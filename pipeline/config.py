@@ -16,12 +16,12 @@ import yaml
 
 from pipeline.drift import DriftBudget
 from pipeline.errors import PipelineError
+from calibration import METHODS as CALIBRATION_METHODS
+from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
+from targets.openvino import AUTO, INFERENCE_PRECISIONS
 
-TARGETS = ("cpu", "jetson", "desktop-gpu")
-GPU_TARGETS = ("jetson", "desktop-gpu")
 PRECISIONS = ("int8", "fp32", "fp16")
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-OPENVINO_PRECISIONS = ("auto", "f32", "bf16", "f16")
+OPENVINO_PRECISIONS = (AUTO, *INFERENCE_PRECISIONS)
 
 
 @dataclass(frozen=True)

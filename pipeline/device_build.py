@@ -13,7 +13,7 @@ engine is built here, from the bundle's ONNX and its `tensorrt` options:
    and the power mode / clocks recorded with them in `results/device-build-<precision>-<UTC time>.json`.
 5. Past budget: an engine that also outputs the manifest's intermediate tensors runs the first golden
    images; the first tensor whose cosine against the host's FP32 value falls below 0.99 is named, and
-   the host's fallback variant offered. Exit 3.
+   the host's fallback variant offered (`pipeline.divergence`). Exit 3.
 
 Device-side: no torch, no ONNX, no build code; Python 3.10; TensorRT and cuda-python imported inside
 functions. Everything that does not need TensorRT is a small function tested on development machines.
@@ -26,16 +26,15 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 
 from pipeline import golden
 from pipeline.artifact import ENGINES_DIR, Bundle, sha256_file
+from pipeline.divergence import DIVERGENCE_COSINE, failure_advice, first_divergence, intermediates  # noqa: F401
 from pipeline.errors import DriftError, PipelineError
-
-GPU_TARGETS = ("jetson", "desktop-gpu")
+from targets import GPU_TARGETS
+from targets.runner import close as _close
 CALIBRATION_CACHE = "calibration.cache"  # bundle-relative: engines/calibration.cache, as trtexec.txt names it
 ENGINE_FILE = "model.engine"
-DIVERGENCE_COSINE = 0.99
 VENV_ADVICE = ("on a Jetson create the venv with `python3 -m venv --system-site-packages` so that JetPack's "
                "TensorRT bindings are visible")
 CUDA_PYTHON_ADVICE = "install `cuda-python>=12.6,<13` on JetPack 6 (CUDA 12.6)"
@@ -279,75 +278,6 @@ def reusable(metadata: dict | None, trt_version: str, gpu_name: str, onnx_sha256
     return True, "metadata matches"
 
 
-def first_divergence(host: dict, device: dict, order, threshold: float = DIVERGENCE_COSINE) -> tuple[str | None, dict]:
-    """The first tensor (in `order`) whose cosine against the host value falls below `threshold`.
-
-    Cosines are per image (float64, the lowest one counts); a tensor the device did not produce or that
-    holds NaN/inf counts as diverged. Returns (name or None, {name: cosine or None}).
-    """
-    cosines: dict[str, float | None] = {}
-    first = None
-    for name in order:
-        if name not in host:
-            raise PipelineError(f"golden intermediates have no tensor {name!r}: copy the bundle again")
-        cosine = None
-        if name in device:
-            cosine = tensor_cosine(host[name], device[name])
-        cosines[name] = cosine
-        if first is None and (cosine is None or not cosine >= threshold):
-            first = name
-    return first, cosines
-
-
-def tensor_cosine(host: np.ndarray, device: np.ndarray) -> float:
-    """Lowest per-image cosine of two (N, ...) arrays; NaN when the device value is not finite."""
-    images = min(len(host), len(device))
-    a = np.asarray(host[:images], np.float64).reshape(images, -1)
-    b = np.asarray(device[:images], np.float64).reshape(images, -1)
-    if a.shape != b.shape:
-        raise PipelineError(f"intermediate tensor shapes differ: host {np.shape(host)}, device {np.shape(device)}")
-    if not np.isfinite(b).all():
-        return float("nan")
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.sum(a * b, axis=1)
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
-    cos = np.where(np.all(a == b, axis=1), 1.0, cos)  # identical gives exactly 1, not 0.9999999999999999
-    return float(np.clip(cos, -1.0, 1.0).min())
-
-
-def intermediates(bundle: Bundle) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(tensor order from the manifest, host FP32 values) of the golden intermediates; ([], {}) when absent."""
-    entry = bundle.manifest.get("golden", {})
-    file = entry.get("intermediates")
-    if not file:
-        return [], {}
-    order = list(entry.get("intermediate_tensors") or [])
-    try:
-        with np.load(bundle.path(file)) as data:
-            values = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{bundle.path(file)}: cannot read the golden intermediates ({error}): copy the bundle again") from None
-    return (order or list(values)), values
-
-
-def failure_advice(bundle: Bundle, precision: str, variant: str, divergence: dict | None, from_qdq: bool = True) -> str:
-    """Where the engine first diverges, and what to try: the host's fallback variant (Q/DQ builds) or FP16."""
-    where = ""
-    if divergence and divergence.get("first"):
-        cosine = divergence["cosines"].get(divergence["first"])
-        where = (f"first diverging tensor: {divergence['first']} (cosine "
-                 f"{'not produced' if cosine is None else format(cosine, '.4f')} < {DIVERGENCE_COSINE}); ")
-    elif divergence is not None:
-        where = f"every marked intermediate tensor keeps cosine >= {DIVERGENCE_COSINE} (the head diverges); "
-    offers = []
-    fallback = (bundle.manifest.get("artifacts", {}).get("int8") or {}).get("fallback")
-    if precision == "int8" and variant == "default" and fallback and from_qdq:
-        offers.append(f"`python -m pipeline device-build {bundle.root} --variant fallback`")
-    if precision != "fp16" and "fp16" in bundle.manifest.get("artifacts", {}):
-        offers.append(f"`python -m pipeline device-build {bundle.root} --precision fp16`")
-    return where + ("try " + " or ".join(offers) if offers else "rebuild the bundle on the host")
-
-
 def result_table(bundle: Bundle, results: dict) -> str:
     drift = results["drift"]
     rows = [
@@ -435,12 +365,6 @@ def _metadata(engine: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable metadata: rebuild
-
-
-def _close(runner) -> None:
-    close = getattr(runner, "close", None)
-    if close is not None:
-        close()
 
 
 def _without_table(results: dict) -> dict:

@@ -81,7 +81,7 @@ def judge(stage: str, reference: np.ndarray, logits: np.ndarray, labels: np.ndar
 
 def time_runner(runner, input_shape: Sequence[int], seconds: float) -> dict:
     """Latency (median / p90 / p99 / mean ms, images per second) of sequential calls on one fixed input."""
-    from pipeline.latency import measure_latency
+    from targets.timing import measure_latency
 
     if seconds <= 0:
         raise PipelineError(f"--seconds must be positive, got {seconds}")

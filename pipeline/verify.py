@@ -108,10 +108,9 @@ def openvino_artifact(bundle: Bundle) -> tuple[Path, str | None]:
     if artifact.get("kind") != "openvino":
         raise PipelineError(f"{bundle.root}: the {bundle.precision} artifact is {artifact.get('kind')!r}, "
                             "verify runs OpenVINO IRs: rebuild the bundle with --target cpu")
-    requested = artifact.get("inference_precision")
-    if requested in (None, "", "auto"):
-        requested = None
-    return bundle.path(artifact["file"]), requested
+    from targets.openvino import precision_hint
+
+    return bundle.path(artifact["file"]), precision_hint(artifact.get("inference_precision"))
 
 
 def is_int8_ir(xml: Path) -> bool:

@@ -2,7 +2,7 @@
 
 The alternative to "INT8 IR converted from our Q/DQ ONNX": NNCF places FakeQuantize nodes on the
 OpenVINO model itself, with its own placement rules and calibration. Both are measured side by side
-(`pipeline.latency`, the drift checks).
+(`pipeline.measure`, the drift checks).
 
 Two NNCF/OpenVINO defaults are pinned here:
 - `nncf.quantize` uses only 300 calibration samples unless `subset_size` says otherwise: this module
@@ -24,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.errors import PipelineError
+from targets.runner import first_line
 
 PRESETS = ("performance", "mixed")
 INSTALL_HINT = "install it with `pip install nncf` (the project's `nncf` extra)"
@@ -94,13 +95,15 @@ def nncf_quantize_ir(
         raise PipelineError(f"NNCF is not installed: {INSTALL_HINT}") from None
     import openvino as ov
 
-    try:
-        if model_path.suffix == ".xml":
-            model = ov.Core().read_model(str(model_path))
-        else:
+    from targets.openvino import read_ir
+
+    if model_path.suffix == ".xml":
+        model = read_ir(model_path)
+    else:
+        try:
             model = ov.convert_model(str(model_path))
-    except Exception as error:
-        raise PipelineError(f"OpenVINO cannot read {model_path}: {_first_line(error)}") from error
+        except Exception as error:
+            raise PipelineError(f"OpenVINO cannot read {model_path}: {first_line(error)}") from error
 
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     input_name = model.inputs[0].get_any_name()
@@ -119,13 +122,8 @@ def nncf_quantize_ir(
 
 def count_fake_quantize(xml_path: str | Path) -> int:
     """How many FakeQuantize layers an IR holds (0 for a float IR)."""
-    import openvino as ov
+    from targets.openvino import read_ir
 
-    model = ov.Core().read_model(str(xml_path))
+    model = read_ir(xml_path)
     return sum(1 for op in model.get_ops() if op.get_type_name() == "FakeQuantize")
 
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
-    return (useful or lines or [type(error).__name__])[0]

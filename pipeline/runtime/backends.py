@@ -49,12 +49,6 @@ def _missing(library: str, install: str) -> PipelineError:
     return PipelineError(f"the {library} back end is not installed: {install}, or choose another back end")
 
 
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
-    return (useful or lines or [type(error).__name__])[0]
-
-
 class _ThreadedAsync:
     """Async mode by a small thread pool around a thread-safe synchronous `infer`."""
 
@@ -96,34 +90,22 @@ class OpenVinoBackend(Backend):
         try:
             import openvino as ov
             from openvino.preprocess import ColorFormat, PrePostProcessor
+
+            from targets.openvino import compile_ir, execution_precision, read_ir
         except ImportError:
             raise _missing("OpenVINO", "`pip install openvino`") from None
         xml = Path(xml)
-        for path in (xml, xml.with_suffix(".bin")):
-            if not path.is_file():
-                raise PipelineError(f"{path}: missing OpenVINO model file: copy the whole bundle again")
-        core = ov.Core()
-        try:
-            model = core.read_model(str(xml))
-            ppp = PrePostProcessor(model)
-            tensor = ppp.input().tensor()
-            tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
-            ppp.input().model().set_layout(ov.Layout("NCHW"))
-            ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB) \
-                .mean([255.0 * m for m in mean]).scale([255.0 * s for s in std])
-            model = ppp.build()
-            config = {"PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY"}
-            if inference_precision and device.upper().startswith("CPU"):
-                config["INFERENCE_PRECISION_HINT"] = inference_precision
-            self.compiled = core.compile_model(model, device, config)
-        except Exception as error:  # OpenVINO raises RuntimeError with C++ locations
-            raise PipelineError(f"OpenVINO cannot load {xml} on {device}: {_first_line(error)}") from None
-        try:
-            ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        except Exception:  # not every device reports it
-            ran = "device default"
-        self.execution_precision = ran
-        self.name = f"openvino {device} ({ran})"
+        model = read_ir(xml, advice="copy the whole bundle again")
+        ppp = PrePostProcessor(model)
+        tensor = ppp.input().tensor()
+        tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB) \
+            .mean([255.0 * m for m in mean]).scale([255.0 * s for s in std])
+        self.compiled = compile_ir(ppp.build(), str(xml), inference_precision,
+                                   performance="THROUGHPUT" if throughput else "LATENCY", device=device)
+        self.execution_precision = execution_precision(self.compiled)
+        self.name = f"openvino {device} ({self.execution_precision})"
         self._request = self.compiled.create_infer_request()
         self._queue = None
 
@@ -166,44 +148,20 @@ def _openvino_finished(request, userdata) -> None:
 class OnnxRuntimeBackend(_ThreadedAsync, Backend):
     """An ONNX model on ONNX Runtime (CPU, or CUDA when asked), fed by the numpy normaliser."""
 
-    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None, optimize: bool = True):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise _missing("ONNX Runtime", "`pip install onnxruntime`") from None
+    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None, fp16_typed: bool = False):
+        from targets.onnxruntime import OnnxRuntimeRunner
+
         onnx = Path(onnx)
         if not onnx.is_file():
             raise PipelineError(f"{onnx}: missing ONNX model: copy the whole bundle again")
         self.normalize = Normalizer(mean, std)
-        providers = ["CPUExecutionProvider"]
-        if device.upper() in ("GPU", "CUDA"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise PipelineError(f"device {device!r}: this ONNX Runtime has no CUDA provider "
-                                    "(install onnxruntime-gpu, or use --device CPU)")
-            providers.insert(0, "CUDAExecutionProvider")
-        elif device.upper() != "CPU":
-            raise PipelineError(f"device {device!r} is not one ONNX Runtime knows here: use CPU or CUDA")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            # ONNX Runtime's CPU provider computes FP16-typed graphs wrongly with its graph optimizations.
-            if providers[0] == "CPUExecutionProvider" and not optimize:
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            self.session = ort.InferenceSession(str(onnx), options, providers=providers)
-        except PipelineError:
-            raise
-        except Exception as error:
-            raise PipelineError(f"ONNX Runtime cannot load {onnx}: {_first_line(error)}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.input_type = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
-        self.output_name = self.session.get_outputs()[0].name
-        self.name = f"onnxruntime {providers[0].replace('ExecutionProvider', '')} ({onnx.name})"
+        self.runner = OnnxRuntimeRunner(onnx, threads, fp16_typed=fp16_typed, device=device)
+        provider = self.runner.provider.replace("ExecutionProvider", "")
+        self.name = f"onnxruntime {provider} ({onnx.name})"
 
     def infer(self, crops: np.ndarray, rgb: bool) -> np.ndarray:
-        x = self.normalize(crops, rgb).astype(self.input_type, copy=False)
-        (logits,) = self.session.run([self.output_name], {self.input_name: x})
-        return logits.astype(np.float32, copy=False)
+        outputs = self.runner.run({self.runner.input_name: self.normalize(crops, rgb)})
+        return outputs[self.runner.output_name].astype(np.float32, copy=False)
 
 
 class TensorRtBackend(_ThreadedAsync, Backend):

@@ -69,13 +69,14 @@ class Classifier:
         if choice.backend == "tensorrt":
             runner: Backend = TensorRtBackend(choice.file, mean, std)
         elif choice.backend == "openvino":
-            hint = artifact.get("inference_precision")
-            runner = OpenVinoBackend(choice.file, mean, std, device, None if hint in (None, "auto") else hint,
+            from targets.openvino import precision_hint
+
+            runner = OpenVinoBackend(choice.file, mean, std, device, precision_hint(artifact.get("inference_precision")),
                                      throughput)
         else:
             # The bundle says which of its ONNX models ONNX Runtime must run without graph optimizations
             # (the FP16-typed ones: its CPU provider computes them wrongly otherwise).
-            runner = OnnxRuntimeBackend(choice.file, mean, std, device, optimize=artifact.get("optimize") is not False)
+            runner = OnnxRuntimeBackend(choice.file, mean, std, device, fp16_typed=artifact.get("optimize") is False)
         return cls(bundle, runner, precision, choice.reason)
 
     # -- synchronous ----------------------------------------------------------------------------

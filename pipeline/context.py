@@ -1,0 +1,230 @@
+"""What a build reads, loaded only when a stage that needs it must actually run: the images, the
+model, the labels, and how a stage's logits are judged against the reference."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+from pipeline.cache import StageRecord, sha256_file
+from pipeline.drift import DriftResult, compare
+from pipeline.errors import PipelineError
+from pipeline.layout import LABELS_FILE, LOGITS_FILE
+
+if TYPE_CHECKING:
+    from pipeline.progress import Reporter
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Center-cropped uint8 images (N, H, W, 3), labels (-1 where unknown), the digest of the files."""
+
+    crops: np.ndarray
+    labels: np.ndarray
+    digest: str
+    paths: tuple[str, ...] = ()  # the image files, in the order of `crops`
+
+
+class BuildContext:
+    """Everything a build reads, loaded only when a stage that needs it must actually run."""
+
+    def __init__(self, plan, reporter: "Reporter"):
+        """`plan`: the build's `pipeline.plan.BuildPlan` (not imported here: the plan holds the stage graph,
+        whose stages receive this context)."""
+        from pipeline.models import get_spec
+
+        config, model_name = plan.config, plan.model
+        self.plan = plan
+        self.config = config
+        self.root = plan.root  # the bundle reads the checks' logits there
+        self.model_name = model_name
+        self.spec = get_spec(model_name)
+        self.reporter = reporter
+        self.threads = config.openvino.threads or os.cpu_count() or 1
+        self.preprocessing = self.spec.preprocessing
+        if config.network.input_size:
+            self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
+        self.evaluation_count = plan.evaluation_count
+        self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
+
+    def _image_pools(self):
+        """Calibration and evaluation candidates: ImageNet's train-sample/ and val/, or the user's frames."""
+        from calibration import datasets, sampling
+
+        data = self.config.data
+        if data.frames:
+            scan = datasets.read_unlabelled_folder(Path(data.frames))
+            self._warn_all(scan.problems)
+            ordered = sampling.select_balanced(scan.records, len(scan.records), data.seed)
+            held_out = min(self.evaluation_count, len(ordered) // 2)  # never more than half the frames
+            class_names = self._imagenet_class_names(required=not self.config.network.labels)
+            return ordered[held_out:], ordered[:held_out], class_names
+        imagenet = datasets.open_imagenet(Path(data.imagenet))
+        for part, folder in (("evaluation", "val/"), ("calibration", "train-sample/")):
+            if getattr(imagenet, part) is None:
+                raise PipelineError(f"{data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root "
+                                    "holding synsets.txt, train-sample/ and val/")
+        self._warn_all(imagenet.problems)
+        return imagenet.calibration.records, imagenet.evaluation.records, imagenet.class_names
+
+    def _imagenet_class_names(self, required: bool) -> list[str]:
+        from calibration import datasets
+
+        synsets = Path(self.config.data.imagenet) / datasets.SYNSETS_FILE
+        if synsets.is_file():
+            return [s.short_name for s in datasets.read_synsets(synsets)]
+        if required:
+            raise PipelineError(f"no class names: pass --labels (one name per line), or --imagenet with {synsets.name}")
+        return []
+
+    def _warn_all(self, problems) -> None:
+        for problem in problems:
+            self.reporter.warn(str(problem))
+
+    def progress(self, what: str):
+        return self.reporter.progress(what)
+
+    @cached_property
+    def evaluation_records(self):
+        from calibration import sampling
+
+        return sampling.select_balanced(self.evaluation_pool, self.evaluation_count, self.config.data.seed)
+
+    @cached_property
+    def calibration_records(self):
+        from calibration import sampling
+
+        count = self.config.data.calibration_images
+        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/)"
+        sampling.require_at_least(self.calibration_pool, count, f"calibration images in {where}")
+        records = sampling.select_balanced(self.calibration_pool, count, self.config.data.seed)
+        sampling.assert_disjoint(records, self.evaluation_records)
+        return records
+
+    def _load(self, records, kind: str) -> ImageSet:
+        from calibration import images
+
+        loaded = images.load_images(records, self.preprocessing, progress=self.progress(f"loading {kind} images"))
+        for skipped in loaded.skipped:
+            self.reporter.warn(f"skipped {skipped}")
+        if not len(loaded.crops):
+            raise PipelineError(f"no readable images among the {len(records)} {kind} images")
+        return ImageSet(loaded.crops, loaded.labels, images.records_digest(loaded.records),
+                        tuple(str(record.path) for record in loaded.records))
+
+    @cached_property
+    def evaluation(self) -> ImageSet:
+        return self._load(self.evaluation_records, "evaluation")
+
+    @cached_property
+    def evaluation_digest(self) -> str:
+        from calibration import images
+
+        return images.records_digest(self.evaluation_records)
+
+    @cached_property
+    def calibration(self) -> ImageSet:
+        return self._load(self.calibration_records, "calibration")
+
+    @cached_property
+    def calibration_digest(self) -> str:
+        from calibration import images
+
+        return images.records_digest(self.calibration_records)
+
+    def uses_imagenet_labels(self, num_classes: int) -> bool:
+        """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
+        return num_classes == 1000 and not self.config.network.labels and not self.config.data.frames
+
+    def predict(self, runner, count: int, what: str) -> np.ndarray:
+        """Logits of the first `count` evaluation images, normalised one batch at a time."""
+        from targets.runner import predict
+
+        return predict(runner, self.evaluation.crops[:count], self.config.data.batch_size,
+                       progress=self.progress(what), prepare=self.preprocessing.normalize)
+
+    def labels(self, reference: StageRecord) -> np.ndarray:
+        """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""
+        labels = np.load(reference.path(LABELS_FILE))
+        num_classes = np.load(reference.path(LOGITS_FILE), mmap_mode="r").shape[1]
+        return labels if self.uses_imagenet_labels(num_classes) else np.full_like(labels, -1)
+
+    def labelled(self, reference: StageRecord) -> bool:
+        return bool((self.labels(reference) >= 0).any())
+
+    def judge(self, stage: str, reference: StageRecord, logits: np.ndarray) -> DriftResult:
+        """Compare a stage's logits with the reference's on the same (first N) images, on its budget."""
+        count = len(logits)
+        expected = np.asarray(np.load(reference.path(LOGITS_FILE), mmap_mode="r")[:count])
+        labels = self.labels(reference)[:count]
+        budget = self.plan.budget(stage, labelled=bool((labels >= 0).any()))
+        return compare(stage, expected, logits, labels, budget)
+
+    @property
+    def deployed_openvino_hint(self) -> str | None:
+        """The precision OpenVINO computes deployed IRs in; None lets the CPU choose."""
+        from targets.openvino import precision_hint
+
+        return precision_hint(self.config.openvino.inference_precision)
+
+    @cached_property
+    def weights_identity(self) -> dict:
+        """What the weights are, for cache keys, without loading torch."""
+        from pipeline import weights
+
+        source = weights.resolve_weights(self.model_name, self.config.weights)
+        identity = {"source": source.kind}
+        if source.path is not None:
+            identity["sha256"] = sha256_file(source.path)
+        if source.kind == "random":
+            from calibration import images
+
+            identity.update(seed=self.config.data.seed, batchnorm_images=images.records_digest(self.batchnorm_records))
+        return identity
+
+    @property
+    def random_weights(self) -> bool:
+        return self.plan.random_weights
+
+    @cached_property
+    def batchnorm_records(self):
+        """The calibration images random weights re-estimate batch-norm statistics on."""
+        from calibration import sampling
+
+        return sampling.select_balanced(self.calibration_pool, self.config.data.batchnorm_images, self.config.data.seed)
+
+    @cached_property
+    def model(self):
+        from pipeline import weights
+
+        network = self.config.network
+        batches = None
+        if self.random_weights:
+            crops = self._load(self.batchnorm_records, "batch-norm").crops
+            size = self.config.data.batch_size * 4
+            batches = (self.preprocessing.normalize(crops[i : i + size]) for i in range(0, len(crops), size))
+        with self.reporter.status(f"loading {self.model_name} ({self.config.weights} weights)"):
+            return weights.load_model(
+                self.model_name,
+                self.config.weights,
+                num_classes=network.num_classes or None,
+                input_size=network.input_size or None,
+                residual_scales=network.residual_scales or None,
+                bn_batches=batches,
+                seed=self.config.data.seed,
+            )
+
+    def model_options(self) -> dict:
+        network = self.config.network
+        return {
+            "model": self.model_name,
+            "num_classes": network.num_classes,
+            "input_size": self.preprocessing.crop,
+            "residual_scales": list(network.residual_scales),
+        }

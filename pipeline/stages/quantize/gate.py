@@ -1,0 +1,106 @@
+"""The INT8 accuracy gate: quantize, judge on both back ends, return the worst layers to float.
+
+Every attempt writes the Q/DQ ONNX with some Convs left in float, runs it in ONNX Runtime and, as an
+OpenVINO IR converted from it, in OpenVINO, on the INT8 evaluation images, and judges both against
+the torch FP32 reference on their budgets (`drift.quantize`, `drift.openvino_int8`). The first attempt
+quantizes every Conv; each next one keeps the next group of the most sensitive layers (one-pass
+ranking, `pipeline.stages.quantize.sensitivity`) in float, until both back ends pass or the layer limit is reached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import DriftError
+
+if TYPE_CHECKING:
+    from pipeline.context import BuildContext
+    from pipeline.cache import StageRecord
+    from pipeline.drift import DriftResult
+
+# The ranking keeps every Conv's output of two models (and a probe per Conv) for a batch: about
+# 0.75 GB per Inception-v4 image, so a small batch keeps a default build under 6 GB.
+RANKING_BATCH = 2
+
+
+def gate_figure(result: "DriftResult") -> tuple[str, float, bool]:
+    """The one number an attempt is ranked by when none passes: (name, value, higher is better).
+
+    The figure follows the budget: centred cosine for random weights, top-1 drop with labels,
+    top-1 agreement without."""
+    if result.budget.min_centred_cosine is not None:
+        return "centred cosine", result.centred_cosine if result.centred_cosine is not None else -1.0, True
+    if result.top1 is not None:
+        return "top-1 drop (points)", result.ref_top1 - result.top1, False
+    return "top-1 agreement", result.agreement, True
+
+
+def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "StageRecord", output: Path) -> dict:
+    """Write the gated Q/DQ model to `output`; return the gate's record (ranking, attempts)."""
+    import numpy as np
+
+    from pipeline.stages.quantize.qdq import describe_placement, write_qdq_model
+    from pipeline.stages.quantize.sensitivity import fallback, rank_layers
+    from targets.onnxruntime import OnnxRuntimeRunner
+    from targets.openvino import OpenVinoRunner, convert_to_ir
+
+    q = ctx.config.quantization
+    count = q.evaluation_images
+    hint = ctx.deployed_openvino_hint
+    scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
+    logits_of: dict[tuple[str, ...], np.ndarray] = {}  # ONNX Runtime logits of each attempt
+    try:
+        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
+        sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
+        with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
+            ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
+
+        def evaluate(excluded: tuple[str, ...]):
+            path = scratch / f"attempt-{len(excluded)}.onnx"
+            write_qdq_model(fp32_onnx, amax, path, excluded)
+            logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count,
+                                 f"INT8 ONNX Runtime, {len(excluded)} layers in float")
+            on_ort = ctx.judge("quantize", reference, logits)
+            xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
+            on_openvino = ctx.judge("openvino_int8", reference, ctx.predict(
+                OpenVinoRunner(xml, inference_precision=hint, threads=ctx.threads), count,
+                f"INT8 OpenVINO, {len(excluded)} layers in float"))
+            name, ort_figure, higher = gate_figure(on_ort)
+            _, ov_figure, _ = gate_figure(on_openvino)
+            figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
+            passed = on_ort.passed and on_openvino.passed
+            logits_of[excluded] = logits
+            for attempt_file in scratch.glob(f"attempt-{len(excluded)}.*"):  # Inception: 170 MB each
+                attempt_file.unlink()
+            verdict = "within budget" if passed else "over budget: " + "; ".join(on_ort.failures + on_openvino.failures)
+            ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} ({verdict})")
+            return passed, figure, {"onnxruntime": on_ort.as_dict(), "openvino": on_openvino.as_dict(),
+                                    "figure": name, "higher_is_better": higher}
+
+        budget = ctx.config.budget("quantize", ctx.random_weights, ctx.labelled(reference))
+        higher_is_better = budget.min_centred_cosine is not None or not ctx.labelled(reference)
+        result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group, higher_is_better=higher_is_better)
+        record = {
+            "passed": result.passed,
+            "excluded_layers": list(result.excluded),
+            "before": result.attempts[0].as_dict(),
+            "after": result.best.as_dict(),
+            "attempts": [a.as_dict() for a in result.attempts],
+            "ranking": [layer.as_dict() for layer in ranking],
+        }
+        if not result.passed:
+            best = result.best
+            raise DriftError(
+                f"{ctx.model_name}: INT8 stays over budget with up to {len(result.attempts[-1].excluded)} layers in float; "
+                f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
+                f"(budgets: drift.quantize, drift.openvino_int8; more fallback: quantization.max_fallback_layers)")
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded)
+        np.save(output.parent / "logits.npy", logits_of[result.excluded])
+        record["placement"] = describe_placement(output)
+        record["summary"] = summary.as_dict()
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
