@@ -49,6 +49,7 @@ def _copy(built, tmp_path) -> Path:
     return tmp_path / "build"
 
 
+@pytest.mark.slow
 def test_cold_build_writes_every_artifact(built):
     build_dir, _ = built
     root = build_dir / "inception_v4" / "cpu"
@@ -74,6 +75,7 @@ def test_cold_build_writes_every_artifact(built):
     assert 0.45 < fp16 / fp32 < 0.55
 
 
+@pytest.mark.slow
 def test_export_is_opset_17_with_a_dynamic_batch_axis(built):
     build_dir, _ = built
     model = onnx.load(str(build_dir / "inception_v4" / "cpu" / "export" / "model.onnx"), load_external_data=False)
@@ -83,6 +85,7 @@ def test_export_is_opset_17_with_a_dynamic_batch_axis(built):
     assert model.graph.output[0].name == "logits"
 
 
+@pytest.mark.slow
 def test_every_stage_is_within_its_budget(built):
     manifest = _manifest(built[0])
     for name in STAGES[1:-1]:  # the bundle is not checked against the reference itself
@@ -98,12 +101,14 @@ def test_every_stage_is_within_its_budget(built):
     assert manifest["stages"]["export"]["drift"]["distinct_ref_classes"] >= 8
 
 
+@pytest.mark.slow
 def test_precision_that_really_ran_is_recorded(built):
     manifest = _manifest(built[0])
     assert manifest["stages"]["openvino_fp32"]["precision_ran"] == "f32"
     assert manifest["stages"]["openvino_fp16"]["precision_ran"] in ("bf16", "f16", "f32")
 
 
+@pytest.mark.slow
 def test_rerun_rebuilds_nothing(built, tmp_path, capsys):
     build_dir = _copy(built, tmp_path)
     before = _manifest(build_dir)
@@ -115,6 +120,7 @@ def test_rerun_rebuilds_nothing(built, tmp_path, capsys):
         assert after["stages"][name]["key"] == before["stages"][name]["key"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "yaml_text, rebuilt",
     [
@@ -135,6 +141,7 @@ def test_changing_one_option_rebuilds_only_its_dependents(built, tmp_path, yaml_
     assert _manifest(build_dir)["built_this_run"] == rebuilt
 
 
+@pytest.mark.slow
 def test_changing_the_deployed_openvino_precision_only_reruns_a_check(built, tmp_path):
     build_dir = _copy(built, tmp_path)
     (tmp_path / "small.yaml").write_text("data:\n  batchnorm_images: 32\nopenvino:\n  inference_precision: f32\n")
@@ -144,6 +151,7 @@ def test_changing_the_deployed_openvino_precision_only_reruns_a_check(built, tmp
     assert manifest["stages"]["openvino_fp16"]["precision_ran"] == "f32"
 
 
+@pytest.mark.slow
 def test_truncated_cached_onnx_is_detected_and_rebuilt(built, tmp_path, capsys):
     build_dir = _copy(built, tmp_path)
     onnx_path = build_dir / "inception_v4" / "cpu" / "export" / "model.onnx"
@@ -158,6 +166,7 @@ def test_truncated_cached_onnx_is_detected_and_rebuilt(built, tmp_path, capsys):
     assert onnx_path.stat().st_size == size
 
 
+@pytest.mark.slow
 def test_build_killed_mid_stage_reruns_cleanly(built, tmp_path):
     build_dir = _copy(built, tmp_path)
     root = build_dir / "inception_v4" / "cpu"
@@ -178,12 +187,14 @@ def test_build_killed_mid_stage_reruns_cleanly(built, tmp_path):
     assert not list(root.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_force_rebuilds_everything(built, tmp_path):
     build_dir = _copy(built, tmp_path)
     assert main(_args(build_dir, built[1], "--force")) == 0
     assert _manifest(build_dir)["built_this_run"] == STAGES
 
 
+@pytest.mark.slow
 def test_unwritable_build_dir_is_a_clear_error(built, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -195,6 +206,7 @@ def test_unwritable_build_dir_is_a_clear_error(built, tmp_path, capsys):
     assert "cannot be written" in err and "--build-dir" in err
 
 
+@pytest.mark.slow
 def test_json_stages_and_clean_commands(built, tmp_path, capsys):
     build_dir = _copy(built, tmp_path)
     capsys.readouterr()

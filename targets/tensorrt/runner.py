@@ -160,6 +160,12 @@ class TensorRtRunner:
         check(self._runtime.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return {name: self._buffers[name].host_array(self.dtypes[name], shapes[name]).copy() for name in self.outputs}
 
+    def describe(self) -> dict:
+        """What really ran, for reports (the runner contract of `targets.runner`)."""
+        where = f"DLA {self.metadata.dla_core}" if self.metadata.dla_core >= 0 else "GPU"
+        return {"runtime": f"tensorrt {self._trt.__version__}", "device": f"{where}: {self.metadata.gpu_name}",
+                "execution_precision": self.execution_precision, "engine": str(self.engine_path)}
+
     def close(self) -> None:
         if self._stream is not None and self._pending is not None:
             self._runtime.cudaStreamSynchronize(self._stream)  # never free buffers a copy still uses

@@ -28,6 +28,7 @@ def lite0_int8(tmp_path_factory, imagenet):
     return build_dir
 
 
+@pytest.mark.slow
 def test_lite0_int8_loses_at_most_one_point_on_both_back_ends(lite0_int8):
     manifest = _manifest(lite0_int8)
     assert list(manifest["stages"]) == STAGES
@@ -42,6 +43,7 @@ def test_lite0_int8_loses_at_most_one_point_on_both_back_ends(lite0_int8):
     assert manifest["stages"]["openvino_int8"]["precision_ran"].startswith("int8")
 
 
+@pytest.mark.slow
 def test_calibration_table_covers_every_quantized_tensor(lite0_int8):
     from pipeline.stages.quantize.qdq import describe_placement, quantized_activations
 
@@ -61,6 +63,7 @@ def test_calibration_table_covers_every_quantized_tensor(lite0_int8):
     assert len(gate["ranking"]) == len(tensors)
 
 
+@pytest.mark.slow
 def test_rerun_of_an_int8_build_is_cached(lite0_int8, imagenet):
     assert main(["build", "--model", "efficientnet_lite0", "--imagenet", str(imagenet), "--build-dir", str(lite0_int8)]) == 0
     assert _manifest(lite0_int8)["built_this_run"] == []
@@ -72,6 +75,7 @@ def _int8_build(tmp_path, imagenet, yaml_text, *extra):
                  str(tmp_path / "build"), "--config", str(tmp_path / "int8.yaml"), *extra])
 
 
+@pytest.mark.slow
 def test_gate_returns_the_most_sensitive_layers_to_float(tmp_path, imagenet):
     """minmax ranges over 64 images lose about 0.3 point on Lite0: a 0.2-point budget needs fallback."""
     yaml_text = (
@@ -155,6 +159,7 @@ def test_too_few_calibration_images_is_a_clear_error(tmp_path, imagenet, frames,
     assert "too few calibration images" in err and str(frames) in err
 
 
+@pytest.mark.slow
 def test_inception_v4_int8_build_on_a_few_images(tmp_path, imagenet):
     """Random weights (batch-norm re-estimated): judged by mean-centred logits, not by top-1."""
     (tmp_path / "small.yaml").write_text(

@@ -140,3 +140,13 @@ def test_bad_arguments_are_one_line_errors(models, tmp_path):
         convert_to_ir(tmp_path / "absent.onnx", tmp_path / "x.xml")
     with pytest.raises(PipelineError, match="inference precision must be one of"):
         OpenVinoRunner(models["fp32"], inference_precision="fp32")
+
+
+def test_the_precision_rule_pins_only_the_fp32_ir():
+    from targets.openvino import inference_precision, precision_hint
+
+    assert inference_precision("fp32", "auto") == "f32"  # the lossless reference IR, whatever is configured
+    assert inference_precision("fp32", "bf16") == "f32"
+    assert inference_precision("fp16", "auto") == "auto" and inference_precision("int8", "bf16") == "bf16"
+    assert precision_hint("auto") is None and precision_hint(None) is None and precision_hint("") is None
+    assert precision_hint("f32") == "f32"

@@ -172,3 +172,33 @@ def test_torch_and_onnxruntime_agree_on_real_images(net, onnx_path, imagenet):
     reference = predict(TorchRunner(net), images)
     candidate = predict(OnnxRuntimeRunner(onnx_path), images)
     assert max_rel_error(candidate, reference) < 1e-5
+
+
+def test_every_back_end_keeps_the_runner_contract(net, onnx_path, tmp_path):
+    """Open, run named arrays, describe what ran, close: the same lifecycle on torch, ONNX Runtime, OpenVINO."""
+    pytest.importorskip("openvino")
+    from targets.openvino import OpenVinoRunner, convert_to_ir
+    from targets.tensorrt.runner import TensorRtRunner
+
+    xml = convert_to_ir(onnx_path, tmp_path / "small.xml")
+    images = random_images(2)
+    for runner in (TorchRunner(net), OnnxRuntimeRunner(onnx_path), OpenVinoRunner(xml, inference_precision="f32")):
+        with runner:
+            logits = runner.run({runner.input_name: images})[runner.output_name]
+            described = runner.describe()
+        assert logits.shape == (2, CLASSES), runner.name
+        assert described["execution_precision"] in ("fp32", "f32"), (runner.name, described)
+        assert described["runtime"].split()[0] in ("torch", "onnxruntime", "openvino"), described
+    # TensorRT cannot run here: its runner at least offers the whole contract.
+    for method in ("run", "describe", "close", "__enter__", "__exit__"):
+        assert callable(getattr(TensorRtRunner, method)), method
+
+
+def test_fp16_typed_models_run_without_graph_optimizations_on_the_cpu(onnx_path):
+    from targets.onnxruntime import CPU, CUDA, graph_optimizations
+
+    assert graph_optimizations(fp16_typed=False) and not graph_optimizations(fp16_typed=True)
+    assert graph_optimizations(fp16_typed=True, provider=CUDA)  # the rule is the CPU provider's
+    runner = OnnxRuntimeRunner(onnx_path, fp16_typed=True)
+    assert runner.name.endswith("(graph optimizations off)") and runner.provider == CPU
+    assert runner.describe()["execution_precision"] == "fp16 (host proxy)"
