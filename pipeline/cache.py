@@ -59,6 +59,11 @@ class StageRecord:
     def path(self, name: str) -> Path:
         return self.folder / name
 
+    @classmethod
+    def read(cls, folder: Path) -> "StageRecord":
+        """The record of a finished stage folder (its stage.json), for code that reads a build."""
+        return cls(folder, json.loads((folder / MARKER).read_text()))
+
 
 @dataclass(frozen=True)
 class Lookup:

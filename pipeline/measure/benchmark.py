@@ -143,7 +143,7 @@ def benchmark_latency(config, models: list[str], seconds: float) -> str:
     sections = []
     for model in models:
         root = built_root(config, model)
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = json.loads((root / MANIFEST).read_text())
         table = latency_for_build(root, _torch_factory(model, manifest), LatencySettings(seconds=seconds),
                                   progress=lambda text: print(f"  {model}: {text}", file=sys.stderr))
         rows = [_latency_row(row, table.speedup(row.key)) for row in table.rows]
@@ -271,7 +271,7 @@ def write_benchmark_section(root: Path, section: str, data: dict) -> Path:
         document = {}  # an older layout: start again rather than mix two
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_description()
-    manifest = json.loads((Path(root) / "manifest.json").read_text())
+    manifest = json.loads((Path(root) / MANIFEST).read_text())
     document.update({"format": BENCHMARK_FORMAT, "model": manifest.get("model"), "target": manifest.get("target"),
                      "updated": now, "machine": machine})
     document[section] = {"time": now, "machine": machine, **data}

@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.measure.benchmark import built_root, check_seconds, fmt, write_benchmark_section
+from pipeline.layout import MANIFEST
+from pipeline.measure.benchmark import (
+    built_root,
+    check_seconds,
+    fmt,
+    write_benchmark_section,
+)
 from pipeline.measure.machine import cpu_summary
 
 
@@ -34,10 +40,10 @@ def compare_nncf(config, models: list[str], seconds: float) -> str:
         if not (root / "openvino_int8" / "model.xml").is_file():
             raise PipelineError(f"{root} has no OpenVINO INT8 IR: --nncf compares INT8 IRs of a CPU build "
                                 "(build with --target cpu --precision int8)")
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = json.loads((root / MANIFEST).read_text())
         ctx = BuildContext(BuildPlan(config, model), Reporter())
         model_rows = []
-        reference = StageRecord(root / "reference", json.loads((root / "reference" / "stage.json").read_text()))
+        reference = StageRecord.read(root / "reference")
         count = config.quantization.evaluation_images
         crops = ctx.calibration.crops
         batches = [ctx.preprocessing.normalize(crops[i : i + 8]) for i in range(0, len(crops), 8)]

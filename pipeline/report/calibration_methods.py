@@ -8,7 +8,6 @@ is cached in report/cache.json under the keys of the stages it depends on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -21,6 +20,7 @@ import numpy as np
 from calibration import METHODS as CALIBRATION_METHODS
 from pipeline.cache import stable_hash
 from pipeline.errors import PipelineError
+from pipeline.layout import LOGITS_FILE, ONNX_FILE, TABLE_FILE
 from pipeline.report.cache import cached
 from pipeline.report.collect import Build, existing_images, last_index
 
@@ -100,14 +100,14 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     plan = BuildPlan(config, build.manifest["model"])  # the stage graph the build was made with
     stages = plan.stages
     ctx = BuildContext(plan, reporter)
-    records = {name: StageRecord(build.root / name, json.loads((build.root / name / "stage.json").read_text()))
+    records = {name: StageRecord.read(build.root / name)
                for name in ("reference", "simplify", "calibrate")}
     calibrate = next(stage for stage in stages if stage.name == "calibrate")
     same_images = stage_key(calibrate, ctx, records) == records["calibrate"].key
-    fp32_onnx = records["simplify"].path("model.onnx")
+    fp32_onnx = records["simplify"].path(ONNX_FILE)
     excluded = build.stages["quantize"]["facts"].get("excluded_layers") or []
     count = build.stages["quantize"]["drift"]["images"]
-    reference = np.load(records["reference"].path("logits.npy"))[:count]
+    reference = np.load(records["reference"].path(LOGITS_FILE))[:count]
     labels = ctx.labels(records["reference"])[:count]
     budget = config.budget("quantize", ctx.random_weights, labelled=bool((labels >= 0).any()))
     tensors = quantized_activations(fp32_onnx)
@@ -118,7 +118,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
         for method in CALIBRATION_METHODS:
             started = time.perf_counter()
             if method == q.method and same_images:  # the build's own table: the same ranges
-                table = CalibrationTable.load(records["calibrate"].path("calibration.json"))
+                table = CalibrationTable.load(records["calibrate"].path(TABLE_FILE))
             else:
                 batches = ImageBatches(ctx.calibration.crops, ctx.preprocessing, config.data.batch_size)
                 table = collect_ranges(fp32_onnx, tensors, batches, method=method, percentile=q.percentile,
@@ -130,7 +130,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
             result = compare(f"quantize ({method})", reference, logits, labels, budget)
             reporter.say(f"  calibration {method}: {result.summary()}")
             if method == q.method and not same_images:  # the key changed with the code: do the ranges?
-                built = CalibrationTable.load(records["calibrate"].path("calibration.json")).amax
+                built = CalibrationTable.load(records["calibrate"].path(TABLE_FILE)).amax
                 same_images = built.keys() == table.amax.keys() and all(
                     math.isclose(built[name], table.amax[name], rel_tol=1e-5) for name in built)
             rows.append({"method": method, "build_method": method == q.method, "calibration_images": table.images,

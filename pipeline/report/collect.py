@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.layout import MANIFEST
 
-MANIFEST = "manifest.json"
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.artifact import (BUNDLE_FORMAT, GOLDEN_INPUTS, GOLDEN_INTERMEDIATES, GOLDEN_LABELS, GOLDEN_REFERENCE,
                                MANIFEST, sha256_file)
-from pipeline.stages.base import LOGITS_FILE, Stage, budget_variants
+from pipeline.stages.base import LOGITS_FILE, ONNX_FILE, Stage, budget_variants
 from pipeline.stages.bundle.golden import INTERMEDIATE_IMAGES, Golden, write_intermediates
 from pipeline.stages.bundle.models import CALIBRATION, MODELS, cpu_model, fallback_layers, gpu_models  # noqa: F401
 from pipeline.stages.bundle.package import (TRTEXEC, WHEEL_DIR, project_source_digest, readme, tensorrt_options,
@@ -59,7 +59,7 @@ def stage(config, inputs: tuple[str, ...]) -> Stage:
                                                      + (tuple(ENGINE_BUDGET_STAGE.values()) if kind == "gpu" else ())),
                           "openvino_inference_precision": hint,
                           "labels": _labels_identity(config), "project_source": project_source_digest()},
-                 ("onnxruntime", "onnx", "openvino", "pip", "setuptools"), write_bundle, "manifest.json",
+                 ("onnxruntime", "onnx", "openvino", "pip", "setuptools"), write_bundle, MANIFEST,
                  uses_evaluation_images=True,
                  modules=("pipeline.stages.bundle.golden", "pipeline.stages.bundle.models",
                           "pipeline.stages.bundle.package", "pipeline.artifact", "targets.runner",
@@ -121,7 +121,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
 
     intermediates = None
     if gpu:
-        intermediates = write_intermediates(inputs["simplify"].path("model.onnx"),
+        intermediates = write_intermediates(inputs["simplify"].path(ONNX_FILE),
                                             ctx.preprocessing.normalize(crops[:INTERMEDIATE_IMAGES]),
                                             folder / GOLDEN_INTERMEDIATES, ctx.threads)
 

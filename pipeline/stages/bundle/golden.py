@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from pipeline.cache import MARKER
+from pipeline.layout import LOGITS_FILE, check_folder
+
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
 
@@ -51,12 +54,12 @@ class Golden:
 
 def check_logits(ctx: "BuildContext", inputs: dict, stage: str) -> list[Path]:
     """The check's logits of `stage`, when that check ran on exactly the stage's current artifact."""
-    check = ctx.root / f"check_{stage}"
+    check = ctx.root / check_folder(stage)
     try:
-        data = json.loads((check / "stage.json").read_text())
+        data = json.loads((check / MARKER).read_text())
     except (OSError, ValueError):
         return []
-    return [check / "logits.npy"] if data.get("artifact_key") == inputs[stage].key else []
+    return [check / LOGITS_FILE] if data.get("artifact_key") == inputs[stage].key else []
 
 
 def write_intermediates(onnx_path: Path, images: np.ndarray, output: Path, threads: int | None = None) -> list[str]:

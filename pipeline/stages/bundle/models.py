@@ -9,13 +9,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.layout import GATE_FILE, LOGITS_FILE, ONNX_FILE, TABLE_FILE
 from pipeline.stages.bundle.golden import Golden, check_logits
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
 
 MODELS = "models"
-CALIBRATION = "calibration.json"
+CALIBRATION = TABLE_FILE  # the calibration table, under the same name in the bundle
 
 
 def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
@@ -28,8 +29,8 @@ def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
     def onnx_runner(path: Path, fp16_typed: bool = False):
         return lambda: OnnxRuntimeRunner(path, threads=threads, fp16_typed=fp16_typed)
 
-    shutil.copyfile(inputs["simplify"].path("model.onnx"), models / "fp32.onnx")
-    shutil.copyfile(inputs["fp16"].path("model.onnx"), models / "fp16.onnx")
+    shutil.copyfile(inputs["simplify"].path(ONNX_FILE), models / "fp32.onnx")
+    shutil.copyfile(inputs["fp16"].path(ONNX_FILE), models / "fp16.onnx")
     artifacts = {
         "fp32": {"file": "models/fp32.onnx", "kind": "onnx", "stage": "simplify"},
         "fp16": {"file": "models/fp16.onnx", "kind": "onnx", "stage": "fp16", "converter": CONVERTER},
@@ -41,11 +42,11 @@ def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
                  "onnxruntime CPU (graph optimizations off), models/fp16.onnx: FP16 computed on a CPU", {}),
     }
     if "quantize" in inputs:
-        gate = json.loads(inputs["quantize"].path("gate.json").read_text())
+        gate = json.loads(inputs["quantize"].path(GATE_FILE).read_text())
         excluded = list(gate["excluded_layers"])
         fallback = fallback_layers(gate, ctx.config.quantization.fallback_group)
-        shutil.copyfile(inputs["quantize"].path("model.onnx"), models / "int8_qdq.onnx")
-        shutil.copyfile(inputs["quantize_fp16"].path("model.onnx"), models / "int8_qdq_fp16.onnx")
+        shutil.copyfile(inputs["quantize"].path(ONNX_FILE), models / "int8_qdq.onnx")
+        shutil.copyfile(inputs["quantize_fp16"].path(ONNX_FILE), models / "int8_qdq_fp16.onnx")
         _write_fallback(inputs, excluded + fallback, models / "int8_qdq_fallback.onnx")
         artifacts["int8"] = {
             "file": "models/int8_qdq.onnx", "kind": "onnx", "stage": "quantize",
@@ -53,7 +54,7 @@ def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
             "calibration": CALIBRATION, "layers_in_float": excluded, "fallback_layers_in_float": excluded + fallback,
             "strongly_typed_opset": _opset(models / "int8_qdq_fp16.onnx"),
         }
-        int8 = golden.logits(onnx_runner(models / "int8_qdq.onnx"), [inputs["quantize"].path("logits.npy")])
+        int8 = golden.logits(onnx_runner(models / "int8_qdq.onnx"), [inputs["quantize"].path(LOGITS_FILE)])
         variants = {
             "models/int8_qdq_fp16.onnx": golden.logits(onnx_runner(models / "int8_qdq_fp16.onnx", fp16_typed=True),
                                                        check_logits(ctx, inputs, "quantize_fp16")),
@@ -77,7 +78,7 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path) -> None:
     from pipeline.stages.quantize.qdq import write_qdq_model
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
-    write_qdq_model(inputs["simplify"].path("model.onnx"), table.amax, output, excluded)
+    write_qdq_model(inputs["simplify"].path(ONNX_FILE), table.amax, output, excluded)
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

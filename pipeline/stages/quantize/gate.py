@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import DriftError
+from pipeline.layout import LOGITS_FILE
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
@@ -98,7 +99,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
                 f"(budgets: drift.quantize, drift.openvino_int8; more fallback: quantization.max_fallback_layers)")
         summary = write_qdq_model(fp32_onnx, amax, output, result.excluded)
-        np.save(output.parent / "logits.npy", logits_of[result.excluded])
+        np.save(output.parent / LOGITS_FILE, logits_of[result.excluded])
         record["placement"] = describe_placement(output)
         record["summary"] = summary.as_dict()
         return record
