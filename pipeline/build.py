@@ -119,7 +119,7 @@ class Builder:
     def _write_archive(self, bundle: StageRecord) -> None:
         """bundle.tar.gz beside the bundle folder, rewritten only when the bundle is newer than it."""
         from pipeline.artifact import BUNDLE_ARCHIVE
-        from pipeline.stages.bundle import write_archive
+        from pipeline.stages.bundle.package import write_archive
         from pipeline.cache import MARKER
 
         archive = self.root / BUNDLE_ARCHIVE

@@ -16,22 +16,18 @@ from __future__ import annotations
 from pipeline.stages import bundle, calibrate, export, fp16, openvino, quantize, reference, simplify
 from pipeline.stages.base import (GATE_FILE, IMAGES_FILE, IR_FILE, LABELS_FILE, LOGITS_FILE, ONNX_FILE,  # noqa: F401
                                   TABLE_FILE, Stage)
-from pipeline.stages.bundle import BUNDLE_BUDGET_STAGE, ENGINE_BUDGET_STAGE  # noqa: F401
 from pipeline.stages.fp16 import FP16_TYPED_STAGES  # noqa: F401
 from pipeline.stages.openvino import DEPLOYED_STAGE
+from targets import GPU_TARGETS
 
 
 def stages_for(config) -> list[Stage]:
     """The stage graph of the configured target, in the order it runs."""
-    from pipeline.config import GPU_TARGETS
-
     return gpu_stages(config) if config.target in GPU_TARGETS else cpu_stages(config)
 
 
 def deployed_stage(config) -> str:
     """The stage whose output is deployed: the OpenVINO IR on CPUs, the bundle on GPU targets."""
-    from pipeline.config import GPU_TARGETS
-
     return "bundle" if config.target in GPU_TARGETS else DEPLOYED_STAGE[config.precision]
 
 

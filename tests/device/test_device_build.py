@@ -46,7 +46,7 @@ def _tensorrt_here() -> tuple[bool, str]:
 
 @pytest.fixture(scope="module")
 def gpu_build(tmp_path_factory, imagenet) -> Path:
-    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/bundle.py) is not in this checkout")
+    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/stages/bundle/) is not in this checkout")
     folder = tmp_path_factory.mktemp("device_build")
     config = folder / "small.yaml"
     config.write_text(CONFIG)

@@ -30,7 +30,7 @@ drift:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, imagenet) -> Path:
-    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/bundle.py) is not in this checkout")
+    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/stages/bundle/) is not in this checkout")
     folder = tmp_path_factory.mktemp("verify")
     config = folder / "small.yaml"
     config.write_text(CONFIG)

@@ -183,7 +183,7 @@ def test_fp16_typed_qdq_model_has_fp16_tensors_fp16_scales_and_int8_weights(bund
 
 
 def test_fallback_variant_keeps_more_layers_in_float(bundle, gpu_build):
-    from pipeline.stages.bundle import fallback_layers
+    from pipeline.stages.bundle.models import fallback_layers
 
     gate = json.loads((gpu_build[2] / "quantize" / "gate.json").read_text())
     int8 = bundle.artifact("int8")

@@ -22,11 +22,13 @@ import numpy as np
 
 from pipeline.artifact import (BUNDLE_FORMAT, GOLDEN_INPUTS, GOLDEN_INTERMEDIATES, GOLDEN_LABELS, GOLDEN_REFERENCE,
                                MANIFEST, sha256_file)
+from pipeline.layout import LABELS
 from pipeline.stages.base import LOGITS_FILE, ONNX_FILE, Stage, budget_variants
 from pipeline.stages.bundle.golden import INTERMEDIATE_IMAGES, Golden, write_intermediates
-from pipeline.stages.bundle.models import CALIBRATION, MODELS, cpu_model, fallback_layers, gpu_models  # noqa: F401
-from pipeline.stages.bundle.package import (TRTEXEC, WHEEL_DIR, project_source_digest, readme, tensorrt_options,
-                                            trtexec_lines, distribution_version, write_archive, write_json, write_wheel)  # noqa: F401
+from pipeline.stages.bundle.models import CALIBRATION, MODELS, cpu_model, gpu_models
+from pipeline.stages.bundle.package import (TRTEXEC, WHEEL_DIR, distribution_version, project_source_digest, readme,
+                                            tensorrt_options, trtexec_lines, write_json, write_wheel)
+from targets import GPU_TARGETS
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
@@ -45,7 +47,6 @@ ENGINE_BUDGET_STAGE = {"fp32": "tensorrt_fp32", "fp16": "tensorrt_fp16", "int8":
 
 def stage(config, inputs: tuple[str, ...]) -> Stage:
     """The self-verifying bundle; its key covers the project's source (the bundled wheel) and the options."""
-    from pipeline.config import GPU_TARGETS
     from targets.openvino import inference_precision
 
     kind = "gpu" if config.target in GPU_TARGETS else "cpu"
@@ -77,7 +78,6 @@ def _labels_identity(config) -> str:
 def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: Path) -> dict:
     """Fill `folder` (the bundle stage's temporary folder) and return the stage's facts."""
     from pipeline import __version__
-    from pipeline.config import GPU_TARGETS
 
     config = ctx.config
     gpu = config.target in GPU_TARGETS
@@ -94,7 +94,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
     np.save(folder / GOLDEN_INPUTS, crops)
     np.save(folder / GOLDEN_LABELS, labels)
     np.save(folder / GOLDEN_REFERENCE, golden_reference)
-    shutil.copyfile(ctx.root / "labels.txt", folder / "labels.txt")
+    shutil.copyfile(ctx.root / LABELS, folder / LABELS)
 
     golden = Golden(ctx, crops, golden_reference, labels)
     if gpu:
