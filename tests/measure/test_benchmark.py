@@ -27,6 +27,9 @@ from pipeline.measure.frame_path import FRAME_PARTS, PREPROCESS_SHARE_GOAL, fram
 from pipeline.measure.nncf import compare_nncf  # noqa: E402
 from pipeline.measure.throughput import ThroughputSettings  # noqa: E402
 
+# End-to-end runs over their own Lite0 builds: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
+
 MODEL = "efficientnet_lite0"
 SECONDS = 0.5
 # Small counts; budgets relaxed because 32 images judge INT8 coarsely (speed and rows are the point here).

@@ -17,6 +17,9 @@ import pytest
 
 from pipeline.cli import main
 
+# End-to-end runs over their own Lite0 builds: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
+
 MODEL = "efficientnet_lite0"
 CHROMIUM = Path("/usr/bin/chromium")
 SMALL_INT8 = """\

@@ -14,6 +14,9 @@ from pipeline.artifact import Bundle
 from pipeline.cli import main
 from tests.runtime.test_runtime import shared_build
 
+# End-to-end runs over their own Lite0 builds: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, imagenet) -> Path:

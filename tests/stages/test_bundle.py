@@ -236,6 +236,7 @@ def test_archive_is_rewritten_when_the_bundle_is_newer(cpu_build):
     Bundle.open(archive, check_hashes=True)
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_without_torch(cpu_build, tmp_path):
     _, _, root = cpu_build
     bundle = Bundle.open(root / "bundle")

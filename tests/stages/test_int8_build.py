@@ -105,6 +105,7 @@ def test_gate_returns_the_most_sensitive_layers_to_float(tmp_path, imagenet):
             assert produced_by.get(node.input[1]) != "DequantizeLinear"
 
 
+@pytest.mark.slow
 def test_gate_that_cannot_meet_its_budget_fails_naming_the_best_result(tmp_path, imagenet, capsys):
     yaml_text = (
         "data:\n  calibration_images: 32\n"
@@ -132,6 +133,7 @@ def frames(tmp_path, imagenet) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_label_free_build_from_the_users_own_frames(tmp_path, imagenet, frames, capsys):
     # bf16 flips about one frame in 16 at FP16: this test is about INT8, so it checks FP16 in f32.
     (tmp_path / "f32.yaml").write_text("openvino:\n  inference_precision: f32\n")
