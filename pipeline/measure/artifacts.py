@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 ARTIFACT_KEYS = ("onnx_fp32", "onnx_int8", "ir_fp32", "ir_fp16", "ir_int8")
 # Where a build keeps each artifact, relative to its root (`<build_dir>/<model>/<target>`).
@@ -69,3 +69,9 @@ def error_line(error: BaseException) -> str:
 
 def ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
+
+
+def table_footer(gap: float | None, gap_sentence: str, notes: Sequence[str]) -> list[str]:
+    """The lines under a speed table: our loop against the vendor tool's (when both ran), then each row's note."""
+    lines = ["", f"{gap_sentence}: {gap:+.1%}."] if gap is not None else []
+    return lines + (["", *(f"- {note}" for note in notes)] if notes else [])

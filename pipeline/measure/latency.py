@@ -37,6 +37,7 @@ from pipeline.measure.artifacts import (
     missing_note,
     ms,
     shared_input_dims,
+    table_footer,
 )
 from pipeline.measure.benchmark_app import benchmark_app_path, not_installed_note, run_benchmark_app
 from pipeline.measure.machine import cores, load_average, load_lines, load_pair, machine_summary
@@ -123,12 +124,8 @@ class LatencyTable:
                 f"{ms(r.p99_ms)} | {r.mean_ms:.2f} | {r.throughput_ips:.1f} | "
                 f"{'—' if speedup is None else f'{speedup:.2f}x'} |"
             )
-        gap = self.benchmark_app_gap
-        if gap is not None:
-            lines += ["", f"Our OpenVINO INT8 loop vs benchmark_app (median): {gap:+.1%}."]
         notes = [f"{row.label}: {row.note}" for row in self.rows if row.result is not None and row.note]
-        if notes:
-            lines += ["", *(f"- {note}" for note in notes)]
+        lines += table_footer(self.benchmark_app_gap, "Our OpenVINO INT8 loop vs benchmark_app (median)", notes)
         return "\n".join(lines)
 
     def as_dict(self) -> dict:

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.measure.artifacts import BENCHMARK_APP_KEY, BUILD_LAYOUT, ROW_LABELS, error_line, input_dims, missing_note
+from pipeline.measure.artifacts import (BENCHMARK_APP_KEY, BUILD_LAYOUT, ROW_LABELS, error_line, input_dims, missing_note,
+                                        table_footer)
 from pipeline.measure.benchmark_app import benchmark_app_path, not_installed_note, run_benchmark_app
 from pipeline.measure.machine import cores, load_average, load_lines, load_pair, machine_summary
 from targets.timing import measure_latency
@@ -171,12 +172,9 @@ class ThroughputTable:
             tried = ", ".join(f"{r.batch}: {r.images_per_second:.1f}" for r in row.tried)
             lines.append(f"| {row.label} | {row.ran_in or '—'} | {row.threads or '—'} | {best.batch} | {best.requests} | "
                          f"{best.streams if best.streams is not None else '—'} | {best.images_per_second:.1f} | {tried} |")
-        gap = self.benchmark_app_gap
-        if gap is not None:
-            lines += ["", f"Our OpenVINO INT8 queue vs benchmark_app -hint throughput (same batch): {gap:+.1%}."]
         notes = [f"{row.label}: {row.note}" for row in self.rows if row.best is not None and row.note]
-        if notes:
-            lines += ["", *(f"- {note}" for note in notes)]
+        lines += table_footer(self.benchmark_app_gap,
+                              "Our OpenVINO INT8 queue vs benchmark_app -hint throughput (same batch)", notes)
         return "\n".join(lines)
 
     def as_dict(self) -> dict:

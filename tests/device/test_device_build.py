@@ -20,9 +20,9 @@ import pytest
 from pipeline.artifact import Bundle
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from tests.device.bundles import build_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "efficientnet_lite0"
 CONFIG = """
 data: {calibration_images: 64, evaluation_images: 32}
 quantization: {evaluation_images: 64, sensitivity_images: 4}
@@ -46,14 +46,7 @@ def _tensorrt_here() -> tuple[bool, str]:
 
 @pytest.fixture(scope="module")
 def gpu_build(tmp_path_factory, imagenet) -> Path:
-    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/stages/bundle/) is not in this checkout")
-    folder = tmp_path_factory.mktemp("device_build")
-    config = folder / "small.yaml"
-    config.write_text(CONFIG)
-    build_dir = folder / "build"
-    assert main(["build", "--config", str(config), "--model", MODEL, "--target", "desktop-gpu", "--imagenet",
-                 str(imagenet), "--build-dir", str(build_dir), "--no-report"]) == 0
-    return build_dir / MODEL / "desktop-gpu"
+    return build_bundle(tmp_path_factory, imagenet, "device_build", CONFIG, "desktop-gpu")
 
 
 @pytest.fixture()
@@ -172,9 +165,8 @@ def test_engine_options_follow_the_bundle(bundle):
 
 
 def test_legacy_calibration_cache_from_the_bundle_table(bundle):
-    from targets.tensorrt.calibration_cache import read_legacy_cache
-
     from pipeline.device_build import write_calibration_cache
+    from targets.tensorrt.calibration_cache import read_legacy_cache
 
     table = json.loads((bundle.root / "calibration.json").read_text())["tensors"]
     for version, header in (("10.3.0", "TRT-100300-EntropyCalibration2"), ("10.16.0", "TRT-101600-EntropyCalibration2")):

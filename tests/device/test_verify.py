@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from tests.device.bundles import build_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "efficientnet_lite0"
 # Small counts keep the build to a minute or two; budgets relaxed for 64 INT8 evaluation images.
 CONFIG = """
 data: {calibration_images: 64, evaluation_images: 32}
@@ -30,14 +30,7 @@ drift:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, imagenet) -> Path:
-    pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/stages/bundle/) is not in this checkout")
-    folder = tmp_path_factory.mktemp("verify")
-    config = folder / "small.yaml"
-    config.write_text(CONFIG)
-    build_dir = folder / "build"
-    assert main(["build", "--config", str(config), "--model", MODEL, "--target", "cpu", "--imagenet", str(imagenet),
-                 "--build-dir", str(build_dir), "--no-report"]) == 0
-    return build_dir / MODEL / "cpu"
+    return build_bundle(tmp_path_factory, imagenet, "verify", CONFIG, "cpu")
 
 
 @pytest.fixture()
