@@ -20,19 +20,8 @@ import pytest
 from pipeline.artifact import Bundle
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from tests.device.bundles import build_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-data: {calibration_images: 64, evaluation_images: 32}
-quantization: {evaluation_images: 64, sensitivity_images: 4}
-bundle: {golden_images: 16, include_wheel: false}
-tensorrt: {min_batch: 1, opt_batch: 2, max_batch: 4, workspace_mib: 512}
-drift:
-  quantize: {max_top1_drop: 3.0}
-  quantize_fp16: {max_top1_drop: 3.0}
-  tensorrt_int8: {max_top1_drop: 3.0}
-"""
 NO_TENSORRT_REASON = "TensorRT is not importable here (no NVIDIA TensorRT on development machines)"
 # What a device reports about itself; with the test double there is no GPU to ask.
 TEST_GPU = {"name": "NVIDIA Orin (test double)", "compute_capability": "8.7", "l4t_release": "36.4.3"}
@@ -45,8 +34,8 @@ def _tensorrt_here() -> tuple[bool, str]:
 
 
 @pytest.fixture(scope="module")
-def gpu_build(tmp_path_factory, imagenet) -> Path:
-    return build_bundle(tmp_path_factory, imagenet, "device_build", CONFIG, "desktop-gpu")
+def gpu_build(small_gpu_build) -> Path:
+    return small_gpu_build.root
 
 
 @pytest.fixture()

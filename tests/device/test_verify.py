@@ -14,23 +14,13 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from tests.device.bundles import build_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-# Small counts keep the build to a minute or two; budgets relaxed for 64 INT8 evaluation images.
-CONFIG = """
-data: {calibration_images: 64, evaluation_images: 32}
-quantization: {evaluation_images: 64, sensitivity_images: 4}
-bundle: {golden_images: 48, include_wheel: false}
-drift:
-  quantize: {max_top1_drop: 3.0}
-  openvino_int8: {max_top1_drop: 3.0}
-"""
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, imagenet) -> Path:
-    return build_bundle(tmp_path_factory, imagenet, "verify", CONFIG, "cpu")
+def build(small_cpu_build) -> Path:
+    return small_cpu_build.root
 
 
 @pytest.fixture()

@@ -1,5 +1,5 @@
 """The camera runtime (`pipeline.runtime.Classifier`) for real: OpenVINO on a CPU bundle, ONNX Runtime on a
-desktop-gpu bundle (ONNX models), from two small EfficientNet-Lite0 builds (genuine ImageNet weights), on real
+desktop-gpu bundle (ONNX models), from the session's two small EfficientNet-Lite0 builds (genuine ImageNet weights), on real
 ImageNet val images.
 
 The runtime runs in a subprocess where torch is made unimportable (`sys.modules["torch"] = None`), as on a
@@ -19,33 +19,17 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from tests.builds import small_build
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "efficientnet_lite0"
 
 
-# -- bundles: one CPU build (OpenVINO IR bundle) and one desktop-gpu build (ONNX bundle) per test session --
-
-def build_lite0(build_dir: Path, imagenet: Path, target: str) -> Path:
-    """A small INT8 Lite0 build with its bundle; returns build/<model>/<target>."""
-    command = [sys.executable, "-m", "pipeline", "build", "--model", MODEL, "--target", target, "--imagenet", str(imagenet),
-               "--build-dir", str(build_dir), "--calibration-images", "32", "--int8-eval-images", "48",
-               "--eval-images", "32", "--no-report"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    root = build_dir / MODEL / target
-    assert (root / "bundle" / "manifest.json").is_file(), f"the {target} build wrote no bundle"
-    return root
-
-
-_BUILDS: dict[str, Path] = {}
-
+# -- bundles: the session's small CPU build (OpenVINO IR bundle) and desktop-gpu build (ONNX bundle) --------
 
 def shared_build(tmp_path_factory, imagenet, target: str) -> Path:
-    """One Lite0 build per target and test session, shared by the runtime, run and deepstream test files."""
-    if target not in _BUILDS:
-        _BUILDS[target] = build_lite0(tmp_path_factory.mktemp(f"runtime-{target}") / "build", imagenet, target)
-    return _BUILDS[target]
+    """The session's small Lite0 build of `target` (tests/builds.py), shared with the run and deepstream tests."""
+    return small_build(tmp_path_factory, imagenet, target).root
 
 
 def golden_paths(build: Path, bundle: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """The CPU target's self-verifying bundle, from a real INT8 EfficientNet-Lite0 build (genuine ImageNet weights).
 
-One module-scoped build (64 calibration images, 96 INT8 evaluation images, 40 golden images) is shared
-by every test; the stage-list tests need no build.
+The session's small CPU build (tests/builds.py: 64 calibration images, 96 INT8 evaluation images, 40 golden
+images) is shared by every test; the stage-list tests need no build.
 """
 
 import json
@@ -17,39 +17,12 @@ import pytest
 from pipeline.artifact import Bundle, sha256_file
 from pipeline.cli import main
 from pipeline.config import load_config
+from tests.builds import MODEL, SmallBuild
 
-MODEL = "efficientnet_lite0"
-SMALL = """\
-data:
-  calibration_images: 64
-  evaluation_images: 32
-quantization:
-  evaluation_images: 96
-  sensitivity_images: 4
-bundle:
-  golden_images: 40
-drift:
-  quantize: {max_top1_drop: 3.0}
-  openvino_int8: {max_top1_drop: 3.0}
-  quantize_fp16: {max_top1_drop: 3.0}
-  tensorrt_int8: {max_top1_drop: 3.0}
-"""
 # Every manifest key `pipeline.artifact.Bundle` documents.
 MANIFEST_KEYS = {"format", "pipeline_version", "model", "target", "precision", "random_weights", "labelled", "input",
                  "output", "preprocessing", "labels", "golden", "artifacts", "budgets", "expected", "tolerance",
                  "trtexec", "wheel", "host", "files"}
-
-
-def build_args(work: Path, imagenet: Path, target: str, *extra: str) -> list[str]:
-    return ["build", "--model", MODEL, "--target", target, "--imagenet", str(imagenet), "--build-dir",
-            str(work / "build"), "--config", str(work / "small.yaml"), "--no-report", *extra]
-
-
-def build_small(work: Path, imagenet: Path, target: str) -> Path:
-    """An INT8 Lite0 build of `target` with small image counts; returns build/<model>/<target>."""
-    (work / "small.yaml").write_text(SMALL)
-    assert main(build_args(work, imagenet, target)) == 0
-    return work / "build" / MODEL / target
 
 
 def check_manifest_files(bundle_dir: Path) -> dict:
@@ -128,13 +101,12 @@ def test_bundle_key_covers_its_options_and_the_project_source():
 
 
 @pytest.fixture(scope="module")
-def cpu_build(tmp_path_factory, imagenet):
-    work = tmp_path_factory.mktemp("cpu-bundle")
-    return work, imagenet, build_small(work, imagenet, "cpu")
+def cpu_build(small_cpu_build) -> SmallBuild:
+    return small_cpu_build
 
 
 def test_cpu_bundle_lists_every_file_with_its_hash(cpu_build):
-    _, _, root = cpu_build
+    root = cpu_build.root
     manifest = check_manifest_files(root / "bundle")
     bundle = Bundle.open(root / "bundle")
     assert bundle.target == "cpu" and bundle.precision == "int8" and bundle.model == MODEL
@@ -153,7 +125,7 @@ def test_cpu_bundle_lists_every_file_with_its_hash(cpu_build):
 
 
 def test_cpu_golden_data_is_the_reference_prefix(cpu_build):
-    _, _, root = cpu_build
+    root = cpu_build.root
     bundle = Bundle.open(root / "bundle")
     crops, labels, reference = bundle.golden()
     assert crops.dtype == np.uint8 and crops.shape == (40, 224, 224, 3)
@@ -171,7 +143,7 @@ def test_cpu_golden_outputs_reproduce_in_openvino(cpu_build):
     from targets.openvino import OpenVinoRunner
     from targets.runner import predict
 
-    _, _, root = cpu_build
+    root = cpu_build.root
     bundle = Bundle.open(root / "bundle")
     crops, _, reference = bundle.golden()
     hint = bundle.artifact()["inference_precision"]
@@ -183,14 +155,14 @@ def test_cpu_golden_outputs_reproduce_in_openvino(cpu_build):
 
 
 def test_cpu_calibration_table_is_the_build_table(cpu_build):
-    _, _, root = cpu_build
+    root = cpu_build.root
     table = json.loads((root / "bundle" / "calibration.json").read_text())
     assert table == json.loads((root / "calibrate" / "calibration.json").read_text())
     assert table["format"] == "inception-edge-calibration/1" and table["tensors"]
 
 
 def test_archive_opens_anywhere(cpu_build, tmp_path):
-    _, _, root = cpu_build
+    root = cpu_build.root
     archive = root / "bundle.tar.gz"
     assert archive.is_file() and not list(root.glob(".bundle.tar.gz.*"))
     copy = tmp_path / "device" / "bundle.tar.gz"
@@ -202,15 +174,15 @@ def test_archive_opens_anywhere(cpu_build, tmp_path):
     assert bundle.manifest == json.loads((root / "bundle" / "manifest.json").read_text())
 
 
-def rerun_rebuilds_nothing(work: Path, imagenet: Path, target: str) -> None:
+def rerun_rebuilds_nothing(build: SmallBuild) -> None:
     """A rerun rebuilds nothing and leaves the archive alone. Other work in this checkout may edit the
     project's source meanwhile (the bundled wheel: part of the bundle's key): then the bundle, and only
     the bundle, is rebuilt, for that reason only."""
-    root = work / "build" / MODEL / target
+    root = build.root
     archive = root / "bundle.tar.gz"
     old = json.loads((root / "bundle" / "stage.json").read_text())
     before = archive.stat().st_mtime_ns
-    assert main(build_args(work, imagenet, target)) == 0
+    assert main(build.args()) == 0
     built = json.loads((root / "manifest.json").read_text())["built_this_run"]
     new = json.loads((root / "bundle" / "stage.json").read_text())
     if built == []:
@@ -223,22 +195,20 @@ def rerun_rebuilds_nothing(work: Path, imagenet: Path, target: str) -> None:
 
 
 def test_cached_rerun_rebuilds_nothing(cpu_build):
-    work, imagenet, _ = cpu_build
-    rerun_rebuilds_nothing(work, imagenet, "cpu")
+    rerun_rebuilds_nothing(cpu_build)
 
 
 def test_archive_is_rewritten_when_the_bundle_is_newer(cpu_build):
-    work, imagenet, root = cpu_build
-    archive = root / "bundle.tar.gz"
+    archive = cpu_build.root / "bundle.tar.gz"
     os.utime(archive, ns=(0, 0))  # older than the bundle: as after a build killed before the archive
-    assert main(build_args(work, imagenet, "cpu")) == 0
+    assert main(cpu_build.args()) == 0
     assert archive.stat().st_mtime_ns > 0
     Bundle.open(archive, check_hashes=True)
 
 
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_without_torch(cpu_build, tmp_path):
-    _, _, root = cpu_build
+    root = cpu_build.root
     bundle = Bundle.open(root / "bundle")
     wheel_installs_without_torch(bundle.path(bundle.manifest["wheel"]), tmp_path / "venv")
 
@@ -246,8 +216,7 @@ def test_wheel_installs_into_a_fresh_venv_without_torch(cpu_build, tmp_path):
 def test_no_wheel_when_turned_off(tmp_path, imagenet):
     """FP32 build with bundle.include_wheel off: the manifest says so and the bundle still opens."""
     (tmp_path / "small.yaml").write_text("data:\n  evaluation_images: 16\nbundle:\n  golden_images: 8\n  include_wheel: false\n")
-    args = build_args(tmp_path, imagenet, "cpu", "--precision", "fp32")
-    assert main(args) == 0
+    assert main(SmallBuild(tmp_path, imagenet, "cpu").args("--precision", "fp32")) == 0
     bundle = Bundle.open(tmp_path / "build" / MODEL / "cpu" / "bundle")
     assert bundle.manifest["wheel"] is None and "include_wheel" in bundle.manifest["wheel_note"]
     assert bundle.artifact("fp32")["inference_precision"] == "f32"

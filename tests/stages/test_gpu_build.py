@@ -1,7 +1,7 @@
 """The GPU targets on the build host: FP16 and FP16-typed Q/DQ ONNX models, the bundle, the deferred engine.
 
-One module-scoped INT8 EfficientNet-Lite0 build for `desktop-gpu` (genuine ImageNet weights, small image
-counts) is shared by every test. Every host stage runs for real in ONNX Runtime; the TensorRT engine
+The session's small INT8 EfficientNet-Lite0 build for `desktop-gpu` (tests/builds.py: genuine ImageNet
+weights, small image counts) is shared by every test. Every host stage runs for real in ONNX Runtime; the TensorRT engine
 needs TensorRT and a GPU: where they are missing (always on development machines) the build defers it
 to the device, which is what these tests check; where they are present the engine's check is checked.
 """
@@ -16,7 +16,8 @@ import pytest
 from pipeline.artifact import Bundle
 from targets.onnxruntime import OnnxRuntimeRunner
 from targets.runner import predict
-from tests.stages.test_bundle import build_small, check_manifest_files, rerun_rebuilds_nothing
+from tests.builds import SmallBuild
+from tests.stages.test_bundle import check_manifest_files, rerun_rebuilds_nothing
 
 GPU_STAGES = ["reference", "export", "simplify", "fp16", "calibrate", "quantize", "quantize_fp16", "bundle"]
 BUNDLED_ONNX = ["models/fp32.onnx", "models/fp16.onnx", "models/int8_qdq.onnx", "models/int8_qdq_fp16.onnx",
@@ -30,18 +31,17 @@ def _tensorrt_status():
 
 
 @pytest.fixture(scope="module")
-def gpu_build(tmp_path_factory, imagenet):
-    work = tmp_path_factory.mktemp("gpu-bundle")
-    return work, imagenet, build_small(work, imagenet, "desktop-gpu")
+def gpu_build(small_gpu_build) -> SmallBuild:
+    return small_gpu_build
 
 
 @pytest.fixture(scope="module")
 def bundle(gpu_build) -> Bundle:
-    return Bundle.open(gpu_build[2] / "bundle")
+    return Bundle.open(gpu_build.root / "bundle")
 
 
 def test_gpu_build_runs_the_gpu_stages_and_deploys_the_bundle(gpu_build):
-    _, _, root = gpu_build
+    root = gpu_build.root
     manifest = json.loads((root / "manifest.json").read_text())
     assert list(manifest["stages"]) == GPU_STAGES
     assert manifest["deployed"]["stage"] == "bundle" and manifest["deployed"]["artifact"] == "bundle/manifest.json"
@@ -56,12 +56,12 @@ def test_gpu_build_runs_the_gpu_stages_and_deploys_the_bundle(gpu_build):
 
 
 def test_bundle_lists_every_file_and_opens(gpu_build, bundle):
-    manifest = check_manifest_files(gpu_build[2] / "bundle")
+    manifest = check_manifest_files(gpu_build.root / "bundle")
     assert set(manifest["artifacts"]) == {"fp32", "fp16", "int8"}
     int8 = bundle.artifact("int8")
     assert int8["file"] == "models/int8_qdq.onnx" and int8["strongly_typed"] == "models/int8_qdq_fp16.onnx"
     assert int8["fallback"] == "models/int8_qdq_fallback.onnx" and int8["calibration"] == "calibration.json"
-    assert manifest["tensorrt"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 8, "workspace_mib": 2048,
+    assert manifest["tensorrt"] == {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "workspace_mib": 512,
                                     "dla_core": -1, "timing_cache": "tensorrt-timing.cache"}
     assert manifest["expected"]["fp16"]["host_proxy"] is True and manifest["expected"]["fp32"]["host_proxy"] is False
     # The engines are judged on TensorRT's budgets (tensorrt_int8 from small.yaml; fp32 allows TF32).
@@ -88,7 +88,7 @@ def test_golden_outputs_reproduce_in_onnx_runtime(bundle, relative):
 
 
 def test_golden_data_and_intermediates(bundle, gpu_build):
-    root = gpu_build[2]
+    root = gpu_build.root
     crops, labels, reference = bundle.golden()
     assert crops.shape == (40, 224, 224, 3) and crops.dtype == np.uint8
     np.testing.assert_array_equal(reference, np.load(root / "reference" / "logits.npy")[:40])
@@ -185,7 +185,7 @@ def test_fp16_typed_qdq_model_has_fp16_tensors_fp16_scales_and_int8_weights(bund
 def test_fallback_variant_keeps_more_layers_in_float(bundle, gpu_build):
     from pipeline.stages.bundle.models import fallback_layers
 
-    gate = json.loads((gpu_build[2] / "quantize" / "gate.json").read_text())
+    gate = json.loads((gpu_build.root / "quantize" / "gate.json").read_text())
     int8 = bundle.artifact("int8")
     extra = fallback_layers(gate, 2)
     assert len(extra) == 4 and not set(extra) & set(gate["excluded_layers"])
@@ -198,9 +198,9 @@ def test_fallback_variant_keeps_more_layers_in_float(bundle, gpu_build):
 
 def test_engine_is_deferred_or_checked(gpu_build, capsys):
     """A cached rerun rebuilds nothing and, without TensorRT, says once that the engine is deferred."""
-    work, imagenet, root = gpu_build
+    root = gpu_build.root
     capsys.readouterr()
-    rerun_rebuilds_nothing(work, imagenet, "desktop-gpu")
+    rerun_rebuilds_nothing(gpu_build)
     err = capsys.readouterr().err
     manifest = json.loads((root / "manifest.json").read_text())
     ok, reason = _tensorrt_status()
@@ -216,7 +216,7 @@ def test_engine_is_deferred_or_checked(gpu_build, capsys):
 
 def test_gpu_archive_opens_on_the_device(gpu_build, tmp_path):
     copy = tmp_path / "bundle.tar.gz"
-    shutil.copyfile(gpu_build[2] / "bundle.tar.gz", copy)
+    shutil.copyfile(gpu_build.root / "bundle.tar.gz", copy)
     bundle = Bundle.open(copy)
     assert bundle.target == "desktop-gpu" and bundle.path("models/int8_qdq_fp16.onnx").is_file()
 

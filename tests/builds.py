@@ -1,0 +1,66 @@
+"""The small INT8 EfficientNet-Lite0 builds (genuine ImageNet weights) that the stage, device and runtime tests
+share: one per target and test session, all with one config, since each costs 20-30 s on two cores.
+
+Tests that damage a bundle work on a copy; tests that rerun a build rerun it with `SmallBuild.args()`, which
+leaves the folder as it was (fully cached, or only the bundle rebuilt when the project's source changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MODEL = "efficientnet_lite0"
+# 64 calibration images, 96 INT8 evaluation images, 40 golden images; budgets relaxed for so few images.
+SMALL_CONFIG = """\
+data:
+  calibration_images: 64
+  evaluation_images: 32
+quantization:
+  evaluation_images: 96
+  sensitivity_images: 4
+bundle:
+  golden_images: 40
+tensorrt: {min_batch: 1, opt_batch: 2, max_batch: 4, workspace_mib: 512}
+drift:
+  quantize: {max_top1_drop: 3.0}
+  openvino_int8: {max_top1_drop: 3.0}
+  quantize_fp16: {max_top1_drop: 3.0}
+  tensorrt_int8: {max_top1_drop: 3.0}
+"""
+
+
+@dataclass(frozen=True)
+class SmallBuild:
+    work: Path
+    imagenet: Path
+    target: str
+
+    @property
+    def root(self) -> Path:
+        """build/<model>/<target>."""
+        return self.work / "build" / MODEL / self.target
+
+    def args(self, *extra: str) -> list[str]:
+        """The `build` command line of this build (rerunning it changes nothing)."""
+        return ["build", "--model", MODEL, "--target", self.target, "--imagenet", str(self.imagenet), "--build-dir",
+                str(self.work / "build"), "--config", str(self.work / "small.yaml"), "--no-report", *extra]
+
+
+_BUILDS: dict[str, SmallBuild] = {}
+
+
+def small_build(tmp_path_factory, imagenet: Path, target: str) -> SmallBuild:
+    """The session's small build of `target`, built on first use."""
+    if target not in _BUILDS:
+        pytest.importorskip("pipeline.stages.bundle", reason="the bundle writer (pipeline/stages/bundle/) is not here")
+        from pipeline.cli import main
+
+        build = SmallBuild(tmp_path_factory.mktemp(f"small-{target}"), imagenet, target)
+        (build.work / "small.yaml").write_text(SMALL_CONFIG)
+        assert main(build.args()) == 0
+        assert (build.root / "bundle" / "manifest.json").is_file(), f"the {target} build wrote no bundle"
+        _BUILDS[target] = build
+    return _BUILDS[target]
