@@ -1,4 +1,4 @@
 """Images in, activation ranges out: ImageNet readers (`datasets`), deterministic sampling (`sampling`),
 per-model preprocessing (`preprocess`) and the calibration statistics (`statistics`)."""
 
-METHODS = ("minmax", "percentile", "entropy")  # how activation ranges are chosen (calibration.statistics)
+METHODS = ("minmax", "percentile", "entropy", "mse")  # how activation ranges are chosen (calibration.statistics)
