@@ -200,7 +200,7 @@ def collect_ranges(
     if not names:
         raise PipelineError("no tensors to calibrate")
 
-    runs = _TensorReader(Path(onnx_path), names, threads)
+    runs = TensorReader(Path(onnx_path), names, threads)
     passes = 2 if histogram else 1
     total, done = passes * len(batches), 0
 
@@ -249,7 +249,7 @@ def collect_ranges(
     )
 
 
-class _TensorReader:
+class TensorReader:
     """An ONNX Runtime session over a copy of the model whose graph outputs are the wanted tensors.
 
     The copy is passed to ONNX Runtime as bytes, which protobuf limits to 2 GB (Inception-ResNet-v2
@@ -303,7 +303,7 @@ class _TensorReader:
         return result
 
 
-def _update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "_TensorReader") -> None:
+def _update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "TensorReader") -> None:
     for k, x in enumerate(values):
         maxima[k] = max(maxima[k], _max_abs(x))
         if not math.isfinite(maxima[k]):

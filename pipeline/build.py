@@ -60,7 +60,9 @@ def stage_key(stage: Stage, ctx: BuildContext, records: dict[str, StageRecord]) 
         parts["evaluation"] = ctx.evaluation_digest
     if stage.uses_calibration_images:
         parts["calibration"] = ctx.calibration_digest
-    if stage.uses_evaluation_images or stage.uses_calibration_images:
+    if stage.uses_decision_images:
+        parts["decision"] = ctx.decision_digest
+    if stage.uses_evaluation_images or stage.uses_calibration_images or stage.uses_decision_images:
         parts["preprocessing"] = ctx.preprocessing.as_dict()
     return stable_hash(parts)
 

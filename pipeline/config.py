@@ -15,6 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from pipeline.drift import DriftBudget
+
+GATE_BUDGET = "gate"  # drift.gate: what the INT8 gate asks of both back ends beyond their stage budgets
 from pipeline.errors import PipelineError
 from calibration import METHODS as CALIBRATION_METHODS
 from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
@@ -49,6 +51,8 @@ class QuantizationOptions:
     percentile: float = 99.99
     histogram_bins: int = 2048
     evaluation_images: int = 650
+    bias_correction: bool = False  # each INT8 Conv's bias corrected by its weight rounding's mean output shift
+    decision_images: int = 480  # labelled train-sample/ images the gate decides on (never calibration images)
     sensitivity_images: int = 16
     max_fallback_layers: int = 24
     fallback_group: int = 2
@@ -108,6 +112,17 @@ class Config:
         if random_weights and stage in self.random_weights_drift:
             budget = _override(budget, self.random_weights_drift[stage], min_agreement=None, max_top1_drop=None)
         return budget
+
+    def gate_budget(self, stage: str, random_weights: bool, labelled: bool = True) -> DriftBudget:
+        """What the INT8 gate asks of `stage` (quantize, openvino_int8) on its decision images: the stage's
+        budget, tightened by `drift.gate` (e.g. min_agreement: 0.99) where that sets a figure."""
+        budget = self.budget(stage, random_weights, labelled)
+        extra = self.drift.get(GATE_BUDGET)
+        if extra is None:
+            return budget
+        # Figures that mean nothing here are dropped, as `budget` drops them from the stage budgets.
+        meaningless = ("min_agreement", "max_top1_drop") if random_weights else () if labelled else ("max_top1_drop",)
+        return _override(budget, dataclasses.replace(extra, **dict.fromkeys(meaningless)))
 
 
 def _override(budget: DriftBudget, override: DriftBudget, **cleared) -> DriftBudget:
@@ -271,6 +286,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
         "data.batch_size": config.data.batch_size,
         "quantization.evaluation_images": config.quantization.evaluation_images,
         "quantization.sensitivity_images": config.quantization.sensitivity_images,
+        "quantization.decision_images": config.quantization.decision_images,
         "quantization.histogram_bins": config.quantization.histogram_bins,
         "quantization.fallback_group": config.quantization.fallback_group,
         "tensorrt.min_batch": config.tensorrt.min_batch,

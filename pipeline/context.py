@@ -107,6 +107,41 @@ class BuildContext:
         sampling.assert_disjoint(records, self.evaluation_records)
         return records
 
+    @cached_property
+    def decision_records(self):
+        """The images the INT8 gate decides on: from the calibration pool (train-sample/, or the frames not held
+        out), never a calibration image, so nothing that searches sees the images the build reports on."""
+        from calibration import sampling
+
+        count = self.config.quantization.decision_images
+        calibration = {record.path for record in self.calibration_records}
+        rest = [record for record in self.calibration_pool if record.path not in calibration]
+        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/)"
+        if not rest:
+            raise PipelineError(f"no images left in {where} for the INT8 gate to decide on: all {len(calibration)} "
+                                "are calibration images; lower data.calibration_images or add images")
+        if len(rest) < count:
+            self.reporter.warn(f"the INT8 gate decides on the {len(rest)} images of {where} left after calibration "
+                               f"(quantization.decision_images asks for {count})")
+        records = sampling.select_balanced(rest, count, self.config.data.seed)
+        sampling.assert_disjoint(records, self.evaluation_records)
+        return records
+
+    @cached_property
+    def decision(self) -> ImageSet:
+        return self._load(self.decision_records, "gate decision")
+
+    @cached_property
+    def decision_digest(self) -> str:
+        from calibration import images
+
+        return images.records_digest(self.decision_records)
+
+    def decision_labels(self, num_classes: int) -> np.ndarray:
+        """The decision images' labels, all -1 where ImageNet's labels do not apply."""
+        labels = self.decision.labels
+        return labels if self.uses_imagenet_labels(num_classes) else np.full_like(labels, -1)
+
     def _load(self, records, kind: str) -> ImageSet:
         from calibration import images
 

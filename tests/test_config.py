@@ -44,6 +44,20 @@ def test_random_weights_budget_replaces_agreement():
     assert config.budget("openvino_fp16", random_weights=False).min_agreement == 0.99
 
 
+def test_gate_budget_tightens_the_stage_budgets_where_it_sets_a_figure():
+    plain = load_config()
+    assert plain.gate_budget("quantize", random_weights=False) == plain.budget("quantize", random_weights=False)
+    config = load_config(overrides={"drift": {"gate": {"min_agreement": 0.99, "min_sqnr_db": 20.0}}})
+    budget = config.gate_budget("openvino_int8", random_weights=False)
+    assert (budget.min_agreement, budget.min_sqnr_db, budget.max_top1_drop) == (0.99, 20.0, 1.0)
+    # Random weights: agreement means little, so the gate drops it as the stage budgets do.
+    random = config.gate_budget("quantize", random_weights=True)
+    assert random.min_agreement is None and random.min_sqnr_db == 20.0 and random.min_centred_cosine == 0.90
+    unlabelled = config.gate_budget("quantize", random_weights=False, labelled=False)
+    assert unlabelled.max_top1_drop is None and unlabelled.min_agreement == 0.99
+    assert config.quantization.decision_images == 480
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -92,6 +92,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     from pipeline.drift import compare
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
+    from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import quantized_activations, write_qdq_model
     from targets.onnxruntime import OnnxRuntimeRunner
 
@@ -111,6 +112,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     labels = ctx.labels(records["reference"])[:count]
     budget = config.budget("quantize", ctx.random_weights, labelled=bool((labels >= 0).any()))
     tensors = quantized_activations(fp32_onnx)
+    shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
     q = config.quantization
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="calibration-compare-"))
@@ -125,7 +127,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
                                        bins=q.histogram_bins, threads=ctx.threads,
                                        progress=ctx.progress(f"calibrating ({method})"))
             path = scratch / f"{method}.onnx"
-            write_qdq_model(fp32_onnx, table.amax, path, excluded)
+            write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts)
             logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count, f"INT8 ONNX Runtime ({method})")
             result = compare(f"quantize ({method})", reference, logits, labels, budget)
             reporter.say(f"  calibration {method}: {result.summary()}")

@@ -147,8 +147,11 @@ def sensitivity(build: Build, missing: list) -> dict:
         missing.append(f"per-layer sensitivity: {note}")
         return {"note": note}
     attempts = [{"excluded_count": a.get("excluded_count"), "passed": a.get("passed"), "figure": a.get("figure"),
-                 "figure_name": (a.get("details") or {}).get("figure")} for a in gate.get("attempts", [])]
+                 "figure_name": (a.get("details") or {}).get("figure"),
+                 "agreement": {backend: ((a.get("details") or {}).get(backend) or {}).get("agreement")
+                               for backend in ("onnxruntime", "openvino")}} for a in gate.get("attempts", [])]
     return {"kept_in_float": gate.get("excluded_layers", []), "passed": gate.get("passed"),
+            "decided_on": gate.get("decided_on"),
             "layers": len(gate.get("ranking", [])), "ranking": gate.get("ranking", []), "attempts": attempts}
 
 

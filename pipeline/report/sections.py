@@ -125,9 +125,16 @@ def sensitivity_section(sensitivity: dict, images: dict) -> dict:
         images["sensitivity.png"] = sensitivity_plot(sensitivity["ranking"], kept)
         blocks.append(("figure", "sensitivity.png", "Per-layer sensitivity (red: kept in float)"))
     attempts = [[str(a["excluded_count"]), "pass" if a["passed"] else "over budget",
-                 f"{a['figure_name']}: {_number(a['figure'], '.4g')}"] for a in sensitivity["attempts"]]
+                 f"{a['figure_name']}: {_number(a['figure'], '.4g')}",
+                 " / ".join(_number(100 * v, ".1f") if v is not None else "-" for v in (a.get("agreement") or {}).values())]
+                for a in sensitivity["attempts"]]
     if attempts:
-        blocks.append(("table", ["layers in float", "gate verdict", "figure"], attempts))
+        decided = sensitivity.get("decided_on") or {}
+        if decided:
+            blocks.append(("text", f"The gate's trade-off, seen on its own {decided['images']} decision images "
+                                   "(train-sample/, never calibration images; the figures reported elsewhere are on "
+                                   "the evaluation images, which the gate never reads):"))
+        blocks.append(("table", ["layers in float", "gate verdict", "figure", "agreement % ORT / OpenVINO"], attempts))
     return {"title": "Per-layer sensitivity", "blocks": blocks}
 
 

@@ -42,6 +42,7 @@ class Stage:
     uses_weights: bool = False  # the checkpoint (or random-weight recipe) is part of the key
     uses_evaluation_images: bool = False
     uses_calibration_images: bool = False
+    uses_decision_images: bool = False  # the INT8 gate's train-sample/ images (pipeline.context.decision)
     int8: bool = False  # judged on quantization.evaluation_images with the INT8 budgets
     self_checked: bool = False  # produce already ran the artifact on the evaluation images (logits.npy)
     modules: tuple[str, ...] = ()  # modules whose source is part of the cache key, besides this one

@@ -360,16 +360,16 @@ def peak_traced_bytes(path, names, batches) -> int:
 
 
 def keep_outputs(monkeypatch, copy: bool) -> list:
-    """Make _TensorReader.run keep what it returns (a copy in numpy memory, or ONNX Runtime's arrays)."""
+    """Make TensorReader.run keep what it returns (a copy in numpy memory, or ONNX Runtime's arrays)."""
     kept = []
-    original_run = statistics._TensorReader.run
+    original_run = statistics.TensorReader.run
 
     def run(self, batch):
         values = original_run(self, batch)
         kept.append([x.copy() for x in values] if copy else values)
         return values
 
-    monkeypatch.setattr(statistics._TensorReader, "run", run)
+    monkeypatch.setattr(statistics.TensorReader, "run", run)
     return kept
 
 
@@ -391,9 +391,9 @@ def test_numpy_memory_does_not_grow_with_the_number_of_images(small_model, monke
 
 
 def check_outputs_are_freed(monkeypatch) -> list:
-    """Make _TensorReader.run fail when a previous batch's outputs are still alive at the next call."""
+    """Make TensorReader.run fail when a previous batch's outputs are still alive at the next call."""
     alive = []  # weak references to the previous batch's outputs
-    inner_run = statistics._TensorReader.run
+    inner_run = statistics.TensorReader.run
 
     def run(self, batch):
         assert all(ref() is None for ref in alive), "a previous batch's outputs are still referenced"
@@ -401,7 +401,7 @@ def check_outputs_are_freed(monkeypatch) -> list:
         alive[:] = [weakref.ref(x) for x in values if x is not batch]
         return values
 
-    monkeypatch.setattr(statistics._TensorReader, "run", run)
+    monkeypatch.setattr(statistics.TensorReader, "run", run)
     return alive
 
 

@@ -103,7 +103,7 @@ def test_sensitivity_lists_the_gates_ranking(built):
 
 def test_calibration_methods_compared_on_the_builds_images(built):
     comparison = _report(built)["calibration_comparison"]
-    assert [row["method"] for row in comparison["methods"]] == ["minmax", "percentile", "entropy"]
+    assert [row["method"] for row in comparison["methods"]] == ["minmax", "percentile", "entropy", "mse"]
     assert comparison["same_images_as_build"] and comparison["images"] == 256
     own = next(row for row in comparison["methods"] if row["build_method"])
     assert own["method"] == "minmax" and own["calibration_images"] == 8

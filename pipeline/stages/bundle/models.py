@@ -77,8 +77,11 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path) -> None:
     from calibration.statistics import CalibrationTable
     from pipeline.stages.quantize.qdq import write_qdq_model
 
+    from pipeline.stages.quantize.bias import saved_shifts
+
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
-    write_qdq_model(inputs["simplify"].path(ONNX_FILE), table.amax, output, excluded)
+    write_qdq_model(inputs["simplify"].path(ONNX_FILE), table.amax, output, excluded,
+                    bias_shifts=saved_shifts(inputs["quantize"].folder))
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

@@ -19,13 +19,15 @@ def stage(config) -> Stage:
     q = config.quantization
     return Stage("quantize", "INT8 Q/DQ ONNX from the calibration table, accuracy gate with fallback",
                  ("simplify", "calibrate", "reference"),
-                 {"evaluation_images": q.evaluation_images, "sensitivity_images": q.sensitivity_images,
+                 {"evaluation_images": q.evaluation_images, "decision_images": q.decision_images,
+                  "bias_correction": q.bias_correction,
+                  "sensitivity_images": q.sensitivity_images,
                   "max_fallback_layers": q.max_fallback_layers, "fallback_group": q.fallback_group,
-                  "budgets": budget_variants(config, ("quantize", "openvino_int8")),
+                  "budgets": budget_variants(config, ("quantize", "openvino_int8", "gate")),
                   "openvino_inference_precision": config.openvino.inference_precision},
                  ("onnxruntime", "onnx", "openvino"), produce_quantize, ONNX_FILE, runner=onnx_runner,
-                 uses_calibration_images=True, int8=True, self_checked=True,
-                 modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq",
+                 uses_calibration_images=True, uses_decision_images=True, int8=True, self_checked=True,
+                 modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
                           "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime"))
 
 
@@ -36,6 +38,6 @@ def produce_quantize(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     from pipeline.stages.quantize.gate import run_gate
 
     table = CalibrationTable.load(inputs["calibrate"].path(TABLE_FILE))
-    gate = run_gate(ctx, inputs["simplify"].path(ONNX_FILE), table.amax, inputs["reference"], folder / ONNX_FILE)
+    gate = run_gate(ctx, inputs["simplify"].path(ONNX_FILE), table.amax, folder / ONNX_FILE)
     write_json_atomic(folder / GATE_FILE, gate)
     return {"excluded_layers": gate["excluded_layers"], "placement": gate["placement"]}

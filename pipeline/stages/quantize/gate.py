@@ -1,10 +1,15 @@
 """The INT8 accuracy gate: quantize, judge on both back ends, return the worst layers to float.
 
 Every attempt writes the Q/DQ ONNX with some Convs left in float, runs it in ONNX Runtime and, as an
-OpenVINO IR converted from it, in OpenVINO, on the INT8 evaluation images, and judges both against
-the torch FP32 reference on their budgets (`drift.quantize`, `drift.openvino_int8`). The first attempt
-quantizes every Conv; each next one keeps the next group of the most sensitive layers (one-pass
-ranking, `pipeline.stages.quantize.sensitivity`) in float, until both back ends pass or the layer limit is reached.
+OpenVINO IR converted from it, in OpenVINO, and judges both on their budgets (`drift.quantize`,
+`drift.openvino_int8`, tightened by `drift.gate`). The first attempt quantizes every Conv; each next one
+keeps the next group of the most sensitive layers (one-pass ranking, `pipeline.stages.quantize.sensitivity`)
+in float, until both back ends pass or the layer limit is reached.
+
+The gate decides on its own images: `quantization.decision_images` labelled train-sample/ images that
+never calibrate, judged against the simplified FP32 ONNX (equal to the torch reference within the
+simplify stage's lossless budget). The evaluation images (val/) are read once, by the chosen model, for
+the stage's drift check: what the build reports was never used to choose.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from pipeline.layout import LOGITS_FILE
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
-    from pipeline.cache import StageRecord
     from pipeline.drift import DriftResult
 
 # The ranking keeps every Conv's output of two models (and a probe per Conv) for a batch: about
@@ -39,41 +43,54 @@ def gate_figure(result: "DriftResult") -> tuple[str, float, bool]:
     return "top-1 agreement", result.agreement, True
 
 
-def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "StageRecord", output: Path) -> dict:
+def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> dict:
     """Write the gated Q/DQ model to `output`; return the gate's record (ranking, attempts)."""
     import numpy as np
 
+    from pipeline.drift import compare
     from pipeline.stages.quantize.qdq import describe_placement, write_qdq_model
     from pipeline.stages.quantize.sensitivity import fallback, rank_layers
     from targets.onnxruntime import OnnxRuntimeRunner
     from targets.openvino import OpenVinoRunner, convert_to_ir
+    from targets.runner import predict
 
     q = ctx.config.quantization
-    count = q.evaluation_images
     hint = ctx.deployed_openvino_hint
+    decision = ctx.decision
+
+    def on_decision_images(runner, what: str) -> np.ndarray:
+        return predict(runner, decision.crops, ctx.config.data.batch_size, progress=ctx.progress(what),
+                       prepare=ctx.preprocessing.normalize)
+
+    expected = on_decision_images(OnnxRuntimeRunner(fp32_onnx, threads=ctx.threads),
+                                  f"FP32 ONNX on {len(decision.crops)} gate decision images")
+    labels = ctx.decision_labels(expected.shape[1])
+    labelled = bool((labels >= 0).any())
+
+    def judge(stage: str, logits: np.ndarray) -> "DriftResult":
+        return compare(stage, expected, logits, labels, ctx.config.gate_budget(stage, ctx.random_weights, labelled))
+
     scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
-    logits_of: dict[tuple[str, ...], np.ndarray] = {}  # ONNX Runtime logits of each attempt
     try:
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
+        shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
             ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"
-            write_qdq_model(fp32_onnx, amax, path, excluded)
-            logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count,
-                                 f"INT8 ONNX Runtime, {len(excluded)} layers in float")
-            on_ort = ctx.judge("quantize", reference, logits)
+            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts)
+            on_ort = judge("quantize", on_decision_images(OnnxRuntimeRunner(path, threads=ctx.threads),
+                                                          f"INT8 ONNX Runtime, {len(excluded)} layers in float"))
             xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
-            on_openvino = ctx.judge("openvino_int8", reference, ctx.predict(
-                OpenVinoRunner(xml, inference_precision=hint, threads=ctx.threads), count,
+            on_openvino = judge("openvino_int8", on_decision_images(
+                OpenVinoRunner(xml, inference_precision=hint, threads=ctx.threads),
                 f"INT8 OpenVINO, {len(excluded)} layers in float"))
             name, ort_figure, higher = gate_figure(on_ort)
             _, ov_figure, _ = gate_figure(on_openvino)
             figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
             passed = on_ort.passed and on_openvino.passed
-            logits_of[excluded] = logits
             for attempt_file in scratch.glob(f"attempt-{len(excluded)}.*"):  # Inception: 170 MB each
                 attempt_file.unlink()
             verdict = "within budget" if passed else "over budget: " + "; ".join(on_ort.failures + on_openvino.failures)
@@ -81,12 +98,17 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
             return passed, figure, {"onnxruntime": on_ort.as_dict(), "openvino": on_openvino.as_dict(),
                                     "figure": name, "higher_is_better": higher}
 
-        budget = ctx.config.budget("quantize", ctx.random_weights, ctx.labelled(reference))
-        higher_is_better = budget.min_centred_cosine is not None or not ctx.labelled(reference)
+        budget = ctx.config.gate_budget("quantize", ctx.random_weights, labelled)
+        higher_is_better = budget.min_centred_cosine is not None or not labelled
         result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group, higher_is_better=higher_is_better)
         record = {
             "passed": result.passed,
+            "decided_on": {"images": len(decision.crops), "digest": decision.digest, "labelled": labelled,
+                           "reference": "simplified FP32 ONNX in ONNX Runtime",
+                           "budgets": {stage: ctx.config.gate_budget(stage, ctx.random_weights, labelled).as_dict()
+                                       for stage in ("quantize", "openvino_int8")}},
             "excluded_layers": list(result.excluded),
+            "bias_correction": shifts is not None,
             "before": result.attempts[0].as_dict(),
             "after": result.best.as_dict(),
             "attempts": [a.as_dict() for a in result.attempts],
@@ -97,11 +119,28 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, reference: "Stage
             raise DriftError(
                 f"{ctx.model_name}: INT8 stays over budget with up to {len(result.attempts[-1].excluded)} layers in float; "
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
-                f"(budgets: drift.quantize, drift.openvino_int8; more fallback: quantization.max_fallback_layers)")
-        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded)
-        np.save(output.parent / LOGITS_FILE, logits_of[result.excluded])
+                f"on {len(decision.crops)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
+                f"more fallback: quantization.max_fallback_layers)")
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts)
+        # The stage's drift check: the chosen model, once, on the evaluation images.
+        np.save(output.parent / LOGITS_FILE, ctx.predict(OnnxRuntimeRunner(output, threads=ctx.threads),
+                                                         q.evaluation_images, "INT8 ONNX Runtime, the chosen model"))
         record["placement"] = describe_placement(output)
         record["summary"] = summary.as_dict()
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bias_shifts(ctx: "BuildContext", fp32_onnx: Path, qdq_onnx: Path, folder: Path) -> dict:
+    """Bias correction's shifts, measured on calibration images and kept beside the model (the bundle's
+    fallback variant and the report's calibration comparison reuse them)."""
+    from pipeline.stages.quantize.bias import BIAS_CORRECTION_IMAGES, SHIFTS_FILE, save_shifts, weight_rounding_shifts
+
+    crops = ctx.calibration.crops[:BIAS_CORRECTION_IMAGES]
+    size = ctx.config.data.batch_size
+    batches = [ctx.preprocessing.normalize(crops[i:i + size]) for i in range(0, len(crops), size)]
+    with ctx.reporter.status(f"bias correction: mean output shifts on {len(crops)} calibration images"):
+        shifts = weight_rounding_shifts(fp32_onnx, qdq_onnx, batches, ctx.threads)
+    save_shifts(shifts, folder / SHIFTS_FILE)
+    return shifts

@@ -101,11 +101,13 @@ def write_qdq_model(
     amax: Mapping[str, float],
     output_path: str | os.PathLike,
     exclude_nodes: Sequence[str] = (),
+    bias_shifts: Mapping[str, np.ndarray] | None = None,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
     `amax` maps each tensor of `quantized_activations(...)` to its calibrated absolute maximum
     (extra entries are ignored). `exclude_nodes` names Convs to keep in float (fallback).
+    `bias_shifts` (from `pipeline.stages.quantize.bias`): the bias correction of each INT8 Conv.
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -156,6 +158,10 @@ def write_qdq_model(
     finally:
         root_logger.setLevel(level)
     _restore_float_consumers(qdq.graph, set(quantized))
+    if bias_shifts:
+        from pipeline.stages.quantize.bias import apply_shifts
+
+        apply_shifts(qdq, bias_shifts, quantized)
     quantizer.model.topological_sort()  # the quantizer appends its nodes at the end
     _drop_metadata(qdq, "onnx.infer")  # added by the shape-inference helper; not ours to ship
 
