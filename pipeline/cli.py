@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument("--variant", choices=("default", "fallback"), default="default",
                         help="int8: 'fallback' uses the host's Q/DQ model with more layers kept in float")
     device.add_argument("--dla-core", type=int, help="build for this DLA core with GPU fallback (Jetson Orin; default: pipeline.yaml's)")
+    device.add_argument("--dla-batch", type=int, help="the one batch size of a DLA engine (static shapes; default: pipeline.yaml's, 1)")
     device.add_argument("--seconds", type=float, default=10.0, help="timed seconds for latency and throughput (default 10)")
     device.add_argument("--no-trtexec", action="store_true", help="do not time the engine with trtexec as well")
     device.add_argument("--json", action="store_true", help="print the results as JSON on stdout")

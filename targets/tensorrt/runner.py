@@ -127,6 +127,10 @@ class TensorRtRunner:
         x = np.ascontiguousarray(x, dtype=self.dtypes[self.input_name])
         if x.ndim != len(self.max_shape) or x.shape[1:] != tuple(self.max_shape[1:]):
             raise PipelineError(f"{self.name}: input shape {x.shape}, the engine takes (N,) + {tuple(self.max_shape[1:])}")
+        if self.metadata.static_shapes and x.shape[0] != self.max_shape[0]:
+            raise PipelineError(f"{self.name}: batch {x.shape[0]}, this engine takes batch {self.max_shape[0]} only "
+                                "(static shapes, as DLA needs): pad the batch or build one with --dla-batch "
+                                f"{x.shape[0]}")
         if not self.min_shape[0] <= x.shape[0] <= self.max_shape[0]:
             raise PipelineError(f"{self.name}: batch {x.shape[0]} outside the engine's profile "
                                 f"{self.min_shape[0]}..{self.max_shape[0]}: rebuild with other tensorrt batch sizes")

@@ -93,7 +93,11 @@ def test_engine_folder_names_keep_engines_apart():
     from pipeline.device_build import engine_folder_name
 
     assert engine_folder_name("int8", "default", -1, "NVIDIA Orin", "10.3.0") == "int8-nvidia-orin-trt10.3.0"
-    assert engine_folder_name("int8", "fallback", 0, "NVIDIA Orin", "10.3.0") == "int8-fallback-dla0-nvidia-orin-trt10.3.0"
+    assert engine_folder_name("int8", "fallback", 0, "NVIDIA Orin", "10.3.0") == "int8-fallback-dla0-b1-nvidia-orin-trt10.3.0"
+    # DLA engines have static shapes: one engine per batch size, named by it
+    assert engine_folder_name("int8", "default", 1, "NVIDIA Orin", "10.3.0", dla_batch=4) == \
+        "int8-dla1-b4-nvidia-orin-trt10.3.0"
+    assert engine_folder_name("int8", "default", -1, "NVIDIA Orin", "10.3.0", dla_batch=4) == "int8-nvidia-orin-trt10.3.0"
     assert engine_folder_name("fp16", "default", -1, "NVIDIA GeForce RTX 4090", "11.4.1") == \
         "fp16-nvidia-geforce-rtx-4090-trt11.4.1"
 
@@ -220,7 +224,7 @@ def double():
 def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
     from pipeline.device_build import engine_folder_name, ensure_engine, plan_for
 
-    trt = double.make_tensorrt("10.3.0")
+    trt = double.make_tensorrt("10.3", "10.3.0")
     plan, options, features = plan_for(bundle, "int8", "default", None, trt)
     assert plan.onnx == bundle.root / "models" / "int8_qdq.onnx" and plan.calibration_cache is None
     folder = bundle.root / "engines" / engine_folder_name("int8", "default", -1, TEST_GPU["name"], features.version)
@@ -237,7 +241,7 @@ def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
     assert metadata["source_onnx"] == "int8_qdq.onnx"
     # Same TensorRT, GPU and ONNX: reused; another TensorRT: rebuilt.
     assert ensure_engine(plan, options, folder, TEST_GPU, trt) == engine and len(trt.builds) == 1
-    newer = double.make_tensorrt("10.16.0")
+    newer = double.make_tensorrt("10.3", "10.16.0")
     ensure_engine(plan, options, folder, TEST_GPU, newer)
     assert len(newer.builds) == 1
 
@@ -245,7 +249,7 @@ def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
 def test_dla_on_tensorrt_10_takes_the_legacy_cache(bundle, double):
     from pipeline.device_build import ensure_engine, plan_for
 
-    trt = double.make_tensorrt("10.3.0")
+    trt = double.make_tensorrt("10.3", "10.3.0")
     plan, options, _ = plan_for(bundle, "int8", "default", 0, trt)
     assert plan.onnx.name == "fp32.onnx" and plan.calibration_cache == bundle.root / "engines" / "calibration.cache"
     ensure_engine(plan, options, bundle.root / "engines" / "dla", TEST_GPU, trt)
@@ -261,14 +265,14 @@ def test_dla_on_tensorrt_10_takes_the_legacy_cache(bundle, double):
 def test_strongly_typed_tensorrt_and_the_fallback_variant(bundle, double):
     from pipeline.device_build import ensure_engine, plan_for
 
-    trt = double.make_tensorrt("11.4.1", strongly_typed_only=True)
+    trt = double.make_tensorrt("11.1", "11.4.1")
     plan, options, _ = plan_for(bundle, "int8", "default", None, trt)
     assert plan.onnx.name == "int8_qdq_fp16.onnx" and plan.strongly_typed
     ensure_engine(plan, options, bundle.root / "engines" / "st", TEST_GPU, trt)
     assert not {"FP16", "INT8"} & set(trt.builds[0]["builder_flags"])
     plan, _, _ = plan_for(bundle, "int8", "fallback", None, trt)
     assert plan.onnx.name == "int8_qdq_fallback.onnx"
-    plan, _, _ = plan_for(bundle, "fp16", "default", None, double.make_tensorrt("10.3.0"))
+    plan, _, _ = plan_for(bundle, "fp16", "default", None, double.make_tensorrt("10.3", "10.3.0"))
     assert plan.onnx.name == "fp32.onnx" and "FP16" in plan.flags
 
 

@@ -62,7 +62,9 @@ def test_bundle_lists_every_file_and_opens(gpu_build, bundle):
     assert int8["file"] == "models/int8_qdq.onnx" and int8["strongly_typed"] == "models/int8_qdq_fp16.onnx"
     assert int8["fallback"] == "models/int8_qdq_fallback.onnx" and int8["calibration"] == "calibration.json"
     assert manifest["tensorrt"] == {"min_batch": 1, "opt_batch": 1, "max_batch": 8, "workspace_mib": 2048,
-                                    "dla_core": -1, "timing_cache": "tensorrt-timing.cache"}
+                                    "dla_core": -1, "dla_batch": 1, "min_dla_layers": 0.0,
+                                    "timing_cache": "tensorrt-timing.cache"}
+    assert not any("--useDLACore" in line for line in manifest["trtexec"])  # no DLA core configured
     assert manifest["expected"]["fp16"]["host_proxy"] is True and manifest["expected"]["fp32"]["host_proxy"] is False
     # The engines are judged on TensorRT's budgets (tensorrt_int8 from small.yaml; fp32 allows TF32).
     assert manifest["budgets"]["int8"] == {"max_top1_drop": 3.0}

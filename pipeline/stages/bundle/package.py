@@ -54,7 +54,8 @@ def project_source_digest() -> str:
 def tensorrt_options(config) -> dict:
     trt = config.tensorrt
     return {"min_batch": trt.min_batch, "opt_batch": trt.opt_batch, "max_batch": trt.max_batch,
-            "workspace_mib": trt.workspace_mib, "dla_core": trt.dla_core, "timing_cache": trt.timing_cache}
+            "workspace_mib": trt.workspace_mib, "dla_core": trt.dla_core, "dla_batch": trt.dla_batch,
+            "min_dla_layers": trt.min_dla_layers, "timing_cache": trt.timing_cache}
 
 
 def trtexec_lines(manifest: dict) -> tuple[list[str], str]:
