@@ -34,11 +34,13 @@ from pipeline.divergence import DIVERGENCE_COSINE, failure_advice, first_diverge
 from pipeline.errors import DriftError, PipelineError
 from targets import GPU_TARGETS
 from targets.runner import close as _close
+from targets.tensorrt.device_info import CUDA_PYTHON_JETPACK6
+
 CALIBRATION_CACHE = "calibration.cache"  # bundle-relative: engines/calibration.cache, as trtexec.txt names it
 ENGINE_FILE = "model.engine"
 VENV_ADVICE = ("on a Jetson create the venv with `python3 -m venv --system-site-packages` so that JetPack's "
                "TensorRT bindings are visible")
-CUDA_PYTHON_ADVICE = "install `cuda-python>=12.6,<13` on JetPack 6 (CUDA 12.6)"
+CUDA_PYTHON_ADVICE = f"install `{CUDA_PYTHON_JETPACK6}` on JetPack 6 (CUDA 12.6)"
 
 
 def command(args) -> int:

@@ -70,7 +70,7 @@ def test_no_tensorrt_gives_one_clear_line_and_exit_2(tmp_path, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot build a TensorRT engine here: ")
     assert reason.rstrip(".") in lines[0]
-    assert "--system-site-packages" in lines[0] and "cuda-python>=12.6,<13" in lines[0]
+    assert "--system-site-packages" in lines[0] and "cuda-python>=12.6,<12.7" in lines[0]
     assert lines[0].count("--system-site-packages") == 1  # the advice does not repeat the reason
     assert "Traceback" not in captured.err
 

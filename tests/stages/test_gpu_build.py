@@ -71,7 +71,7 @@ def test_bundle_lists_every_file_and_opens(gpu_build, bundle):
     assert manifest["budgets"]["fp16"] == {"min_agreement": 0.99}
     assert manifest["budgets"]["fp32"] == {"min_agreement": 0.999, "min_cosine": 0.9999}
     readme = bundle.path("README.md").read_text()
-    assert "--system-site-packages" in readme and "cuda-python>=12.6,<13" in readme
+    assert "--system-site-packages" in readme and "cuda-python>=12.6,<12.7" in readme
     assert "python -m pipeline device-build ." in readme and manifest["wheel"] in readme
 
 

@@ -579,6 +579,17 @@ def test_jetson_info_reads_a_jetson_tree(tmp_path):
     assert device_info.jetson_info(tmp_path / "elsewhere") is None
 
 
+def test_jetson_info_reads_the_jetpack_5_gpu_clock(tmp_path):
+    """JetPack 5 (L4T 35) names the Orin GPU's devfreq node after its chip: 17000000.ga10b."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref\n")
+    folder = tmp_path / "sys/devices/17000000.ga10b/devfreq/17000000.ga10b"
+    folder.mkdir(parents=True)
+    (folder / "cur_freq").write_text("624750000\n")
+    info = device_info.jetson_info(tmp_path)
+    assert info["l4t_release"] == "35.5.0" and info["clocks_mhz"] == {"gpu": 625}
+
+
 def test_parse_nvpmodel():
     assert device_info.parse_nvpmodel("NV Power Mode: MAXN\n0\n") == {"name": "MAXN", "id": 0}
     assert device_info.parse_nvpmodel("NVPM WARN: ...\nNV Power Mode: 15W\n2\n") == {"name": "15W", "id": 2}

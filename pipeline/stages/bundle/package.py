@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifact import MANIFEST
 from pipeline.errors import PipelineError
+from targets.tensorrt.device_info import CUDA_PYTHON_CUDA13, CUDA_PYTHON_JETPACK6
 
 TRTEXEC = "trtexec.txt"
 WHEEL_DIR = "wheel"
@@ -156,7 +157,7 @@ def readme(manifest: dict) -> str:
             "python3 -m venv --system-site-packages ~/edge-venv   # JetPack's TensorRT bindings stay visible",
             ". ~/edge-venv/bin/activate",
             f"{install}",
-            "pip install 'cuda-python>=12.6,<13'     # JetPack 6 (CUDA 12.6, Python 3.10); CUDA 13: cuda-python 13.x",
+            f"pip install '{CUDA_PYTHON_JETPACK6}'   # JetPack 6 (CUDA 12.6, Python 3.10); CUDA 13: '{CUDA_PYTHON_CUDA13}'",
             "python -m pipeline device-build .        # builds the engine, checks the golden data, times it",
             "```",
             "",
