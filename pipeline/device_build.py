@@ -30,7 +30,12 @@ import numpy as np
 
 from pipeline import golden
 from pipeline.artifact import ENGINES_DIR, Bundle, sha256_file
-from pipeline.divergence import DIVERGENCE_COSINE, failure_advice, first_divergence, intermediates  # noqa: F401
+from pipeline.divergence import (  # noqa: F401
+    DIVERGENCE_COSINE,
+    failure_advice,
+    first_divergence,
+    intermediates,
+)
 from pipeline.errors import DriftError, PipelineError
 from targets import GPU_TARGETS
 from targets.runner import close as _close
@@ -91,7 +96,11 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
     require_tensorrt()
     import tensorrt as trt
 
-    from targets.tensorrt.device_info import gpu_description, jetson_info, l4t_release_here
+    from targets.tensorrt.device_info import (
+        gpu_description,
+        jetson_info,
+        l4t_release_here,
+    )
 
     bundle = Bundle.open(bundle_dir)
     check_gpu_bundle(bundle)
@@ -168,7 +177,11 @@ def plan_for(bundle: Bundle, precision: str, variant: str, dla_core: int | None,
 
     Writes engines/calibration.cache when the plan takes implicit INT8 from it (DLA on TensorRT 10.x).
     """
-    from targets.tensorrt.builder import detect_features, needs_calibration_cache, plan_build
+    from targets.tensorrt.builder import (
+        detect_features,
+        needs_calibration_cache,
+        plan_build,
+    )
 
     models = plan_models(bundle, precision, variant)
     options = engine_options(bundle, precision, dla_core, dla_batch)
@@ -246,9 +259,13 @@ def engine_options(bundle: Bundle, precision: str, dla_core: int | None = None, 
         raise PipelineError(f"{bundle.path('manifest.json')}: bad 'tensorrt' options ({error}): rebuild the bundle") from None
 
 
-def write_calibration_cache(bundle: Bundle, trt_version: str) -> Path:
-    """engines/calibration.cache for this TensorRT version, from the bundle's version-neutral table."""
-    from targets.tensorrt.calibration_cache import amax_from_table, write_legacy_cache
+def write_calibration_cache(bundle: Bundle, trt_version: str, reporter=None) -> Path:
+    """engines/calibration.cache for this TensorRT version, from the bundle's version-neutral table:
+    a scale for every tensor DLA may run in INT8 (the table's `dla` section), not only the Conv inputs."""
+    from targets.tensorrt.calibration_cache import (
+        dla_amax_from_table,
+        write_legacy_cache,
+    )
 
     int8 = bundle.manifest.get("artifacts", {}).get("int8") or {}
     table_path = bundle.path(int8.get("calibration") or bundle.manifest.get("calibration") or "calibration.json")
@@ -257,9 +274,11 @@ def write_calibration_cache(bundle: Bundle, trt_version: str) -> Path:
     except (OSError, ValueError) as error:
         raise PipelineError(f"{table_path}: cannot read the calibration table ({error}): copy the bundle again") from None
     try:
-        amax = amax_from_table(table)
+        amax, warning = dla_amax_from_table(table)
     except PipelineError as error:
         raise PipelineError(f"{table_path}: {error}") from None
+    if warning:
+        golden.say(reporter, f"  warning: {warning}")
     target = bundle.path(ENGINES_DIR) / CALIBRATION_CACHE
     write_legacy_cache(amax, trt_version, target)  # atomic: temp file, then rename
     return target
