@@ -73,6 +73,7 @@ def test_no_tensorrt_gives_one_clear_line_and_exit_2(tmp_path, capsys):
     assert "--system-site-packages" in lines[0] and "cuda-python>=12.6,<12.7" in lines[0]
     assert lines[0].count("--system-site-packages") == 1  # the advice does not repeat the reason
     assert "Traceback" not in captured.err
+    assert "FAIL tensorrt" in captured.out  # device-check ran first, on stdout
 
 
 def test_no_tensorrt_without_torch(tmp_path):

@@ -13,7 +13,12 @@ import pytest
 
 from pipeline.errors import PipelineError
 from targets.tensorrt import placement
-from targets.tensorrt.builder import EngineOptions, build_engine, detect_features, plan_build
+from targets.tensorrt.builder import (
+    EngineOptions,
+    build_engine,
+    detect_features,
+    plan_build,
+)
 from targets.tensorrt.metadata import EngineMetadata, metadata_path
 from tests.targets.cuda_double import make_cudart
 from tests.targets.tensorrt_double import ITensor, make_tensorrt
