@@ -641,6 +641,8 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision, max_abs):
     engine = tmp_path / "engines" / "model.engine"
     meta = build_engine(plan, opts, engine)
     assert meta.tensorrt_version == trt.__version__ and (tmp_path / "timing.cache").is_file()
+    # The engine inspector's read-back (detailed verbosity) on the real engine
+    assert meta.placement.get("detailed") and meta.placement["layers"] >= 1 and meta.placement["on_dla"] == 0
     x = np.random.default_rng(3).normal(0, 1, (5, 3, 32, 32)).astype(np.float32)
     expected = OnnxRuntimeRunner(onnx_path).run({"input": x})["logits"]
     with TensorRtRunner(engine) as runner:
@@ -655,3 +657,32 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision, max_abs):
     EngineMetadata(**{**stale.__dict__, "tensorrt_version": "0.0.1"}).save(metadata_path(engine))
     with pytest.raises(PipelineError, match="rebuild it with"):
         TensorRtRunner(engine)
+
+
+def dla_cores() -> int:
+    try:
+        import tensorrt as trt
+
+        return trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores
+    except Exception:  # noqa: BLE001 (no TensorRT, no GPU)
+        return 0
+
+
+@real_tensorrt
+@pytest.mark.skipif(dla_cores() < 1, reason="no TensorRT with a DLA core here (DLA: Jetson AGX Orin / Orin NX only)")
+def test_real_dla_engine_has_static_shapes_and_says_where_it_ran(tmp_path):
+    import tensorrt as trt
+
+    from targets.tensorrt import placement
+    from targets.tensorrt.runner import TensorRtRunner
+
+    onnx_path = tiny_onnx(tmp_path / "fp32.onnx")
+    opts = options(precision="fp16", dla_core=0, dla_batch=2)
+    plan = plan_build(detect_features(trt), opts, {"fp32": onnx_path, "fp16": onnx_path})
+    meta = build_engine(plan, opts, tmp_path / "model.engine")
+    assert meta.static_shapes and meta.input_shapes["min"] == meta.input_shapes["max"] == [2, 3, 32, 32]
+    assert meta.placement["detailed"] and meta.placement["on_dla"] >= 1, placement.summary(meta.placement, 0)
+    with TensorRtRunner(tmp_path / "model.engine") as runner:
+        assert runner.run({"input": np.zeros((2, 3, 32, 32), np.float32)})["logits"].shape == (2, 10)
+        with pytest.raises(PipelineError, match="takes batch 2 only"):
+            runner.run({"input": np.zeros((1, 3, 32, 32), np.float32)})
