@@ -331,6 +331,8 @@ def result_table(bundle: Bundle, results: dict) -> str:
         rows.append(("trtexec GPU compute median ms / qps (batch 1)", "",
                      f"{_fmt(compute.get('median'))} / {_fmt(trtexec.get('throughput_qps'), '.1f')}"
                      + (f" ({trtexec['error']})" if trtexec.get("error") else "")))
+    if (results.get("engine") or {}).get("placement_summary"):
+        rows.append(("placement", "", results["engine"]["placement_summary"]))
     jetson = (results.get("device") or {}).get("jetson") or {}
     gpu = (results.get("device") or {}).get("gpu") or {}
     rows.append(("GPU / TensorRT", "", f"{gpu.get('name', '?')} / {results['device'].get('tensorrt')}"))

@@ -277,6 +277,38 @@ def test_strongly_typed_tensorrt_and_the_fallback_variant(bundle, double):
     assert plan.onnx.name == "fp32.onnx" and "FP16" in plan.flags
 
 
+def test_device_build_on_dla_end_to_end_against_the_doubles(bundle, double, monkeypatch):
+    """The whole device-build flow on DLA core 0, batch 3 (static): plan, cache, build, placement,
+    golden run with a padded last batch (16 images), latency and throughput at the one batch size.
+    TensorRT and CUDA are the labelled test doubles: the drift verdict means nothing and is not checked."""
+    import sys
+
+    import pipeline.device_build as device_build
+    import targets.tensorrt.device_info as device_info
+    import targets.tensorrt.runner as runner_module
+    from tests.targets.cuda_double import make_cudart
+
+    cudart, trt = make_cudart(), double.make_tensorrt("10.3", "10.3.0")
+    gpu = {**TEST_GPU, "memory_mib": 8192, "devices": 1, "driver": "12.6", "runtime": "12.6", "cuda_python": None}
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(device_build, "require_tensorrt", lambda: None)
+    for module in (device_info, runner_module):
+        monkeypatch.setattr(module, "cudart", lambda: cudart)
+        monkeypatch.setattr(module, "gpu_description", lambda device=0: gpu)
+    results = device_build.build_and_check(bundle.root, "int8", dla_core=0, dla_batch=3, seconds=0.05,
+                                           trtexec=False, diagnose=False)
+    (record,) = trt.builds
+    assert record["device"] == "DLA" and record["profiles"] == [{"input": {k: [3, 3, 224, 224] for k in ("min", "opt", "max")}}]
+    engine = results["engine"]
+    assert Path(engine["path"]).parent.name == "int8-dla0-b3-nvidia-orin-test-double-trt10.3.0"
+    assert engine["static_shapes"] and engine["batches"] == [3, 3, 3]
+    assert engine["placement"]["on_dla"] > 0 and " layers on DLA 0, " in engine["placement_summary"]
+    assert results["drift"]["images"] == 16  # 6 calls of 3, the last padded, the padding dropped
+    assert results["latency"]["batch"] == 3 and results["throughput"]["batch"] == 3
+    assert "placement" in results["table"] and "fell back to GPU" in results["table"]
+    assert not cudart.buffers  # the runner freed every allocation
+
+
 # ---------------------------------------------------------------------------------------------------
 # The real thing, where TensorRT and a GPU exist.
 

@@ -29,7 +29,8 @@ from tests.targets.tensorrt_double import _Strict, make_tensorrt
 from tests.targets.test_tensorrt import DEVICE, tiny_onnx
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted((ROOT / "targets" / "tensorrt").glob("*.py")) + [ROOT / "pipeline" / "device_build.py"]
+SOURCES = (sorted((ROOT / "targets" / "tensorrt").glob("*.py")) + sorted((ROOT / "pipeline" / "runtime").glob("*.py"))
+           + [ROOT / "pipeline" / "device_build.py", ROOT / "pipeline" / "device_check.py"])
 # Names our code probes with hasattr() to pick a branch: absent on some release by design.
 PROBES = {"BuilderFlag.INT8", "BuilderFlag.FP16", "IInt8EntropyCalibrator2"}
 # Deprecated names a branch may use, with the reason: implicit INT8 is what DLA takes on JetPack 6.
@@ -127,7 +128,8 @@ def test_every_name_in_the_source_exists_in_a_supported_release():
     chains, probes = _source_names()
     every = tensorrt_api.names("10.3") | tensorrt_api.names("11.1")
     prefixes = {name for chain in chains for name in _prefixes(chain)}
-    assert {"BuilderFlag", "MemoryPoolType.WORKSPACE", "ProfilingVerbosity.DETAILED", "Logger.WARNING"} <= prefixes
+    assert {"BuilderFlag", "MemoryPoolType.WORKSPACE", "ProfilingVerbosity.DETAILED", "Logger.WARNING",
+            "DataType.FLOAT", "nptype"} <= prefixes  # the builder, the runner and device-check are read
     # pybind11's automatic members (__init__) are not listed; everything else must be.
     unknown = sorted(name for name in prefixes if name not in every and not name.endswith(".__init__"))
     assert not unknown, f"names no supported TensorRT has: {unknown}"
