@@ -117,6 +117,9 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
     cache = plan.calibration_cache
     placement = (_metadata(engine) or {}).get("placement") or {}
     golden.say(reporter, f"  placement: {summary(placement, options.dla_core)}")
+    if options.dla_core >= 0 and placement.get("detailed") and not placement.get("on_dla"):
+        golden.say(reporter, f"  warning: DLA core {options.dla_core} asked for, every layer runs on the GPU: "
+                             "set tensorrt.min_dla_layers to make this an error")
 
     crops, labels, reference = golden.load_golden(bundle)
     runner = TensorRtRunner(engine)

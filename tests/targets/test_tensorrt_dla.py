@@ -146,3 +146,22 @@ def test_the_runner_refuses_another_batch_on_a_static_engine(onnx_path, tmp_path
         assert runner.run({"input": np.zeros((3, 3, 32, 32), np.float32)})["logits"].shape == (3, 10)
         with pytest.raises(PipelineError, match="outside the engine's profile 1..4"):
             runner.run({"input": np.zeros((5, 3, 32, 32), np.float32)})
+
+
+def test_the_runner_says_where_the_engine_really_runs(onnx_path, tmp_path, cuda, monkeypatch):
+    """Asked for DLA but nothing landed there (as a dynamic profile or unsupported layers give): it says GPU."""
+    from dataclasses import replace
+
+    from targets.tensorrt.runner import TensorRtRunner
+
+    trt = make_tensorrt("10.3")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    meta, engine = build(trt, onnx_path, tmp_path, dla_core=0)
+    with TensorRtRunner(engine, check_device=False) as runner:
+        assert runner.name == "tensorrt fp16 (DLA 0)"
+        assert runner.describe()["placement"] == "5 of 6 layers on DLA 0, 0 in INT8; fell back to GPU: head"
+    on_gpu = {**meta.placement, "on_dla": 0, "gpu_layers": ["everything"]}
+    replace(meta, placement=on_gpu).save(metadata_path(engine))
+    with TensorRtRunner(engine, check_device=False) as runner:
+        assert runner.name == "tensorrt fp16 (GPU: nothing landed on DLA 0)"
+        assert runner.describe()["device"].startswith("GPU: nothing landed on DLA 0")

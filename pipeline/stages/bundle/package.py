@@ -158,6 +158,7 @@ def readme(manifest: dict) -> str:
             ". ~/edge-venv/bin/activate",
             f"{install}",
             f"pip install '{CUDA_PYTHON_JETPACK6}'   # JetPack 6 (CUDA 12.6, Python 3.10); CUDA 13: '{CUDA_PYTHON_CUDA13}'",
+            "python -m pipeline device-check .        # preflight: TensorRT, CUDA, cuda-python, NumPy, DLA, disk",
             "python -m pipeline device-build .        # builds the engine, checks the golden data, times it",
             "```",
             "",
