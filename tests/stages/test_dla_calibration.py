@@ -124,3 +124,36 @@ def test_an_older_table_without_a_dla_section_warns(table):
     data["dla"] = {"tensors": ["nowhere"], "share": {}}
     with pytest.raises(Exception, match="bad 'dla' section"):
         dla_amax_from_table(data)
+
+
+def test_the_calibrate_stage_of_a_jetson_build_records_the_dla_section(tmp_path, imagenet):
+    """produce_calibrate itself, on the block, with a minimal build context: Jetson yes, desktop GPU no."""
+    import types
+
+    from calibration.datasets import open_imagenet
+    from calibration.images import load_images
+    from calibration.preprocess import Preprocessing
+    from calibration.statistics import CalibrationTable
+    from pipeline.config import load_config
+    from pipeline.layout import ONNX_FILE, TABLE_FILE
+    from pipeline.stages import calibrate, stages_for
+
+    source = inception_block(tmp_path / ONNX_FILE)
+    pre = Preprocessing(crop=32, crop_pct=0.875)
+    crops = load_images(open_imagenet(imagenet).evaluation.records[:8], pre).crops
+    simplify = types.SimpleNamespace(path=lambda name: source)
+    for target, with_dla in (("jetson", True), ("desktop-gpu", False)):
+        config = load_config(overrides={"target": target, "precision": "int8"})
+        (stage,) = [s for s in stages_for(config) if s.name == "calibrate"]
+        assert stage.params["dla"] is with_dla  # part of the stage's cache key
+        ctx = types.SimpleNamespace(config=config, calibration=types.SimpleNamespace(crops=crops), preprocessing=pre,
+                                    threads=1, progress=lambda what: None)
+        folder = tmp_path / target
+        folder.mkdir()
+        record = calibrate.produce_calibrate(ctx, {"simplify": simplify}, folder)
+        table = CalibrationTable.load(folder / TABLE_FILE)
+        if with_dla:
+            assert record["dla_tensors"] == len(table.dla["tensors"]) == 11 and table.dla["share"]["pool"] == "mixed"
+            assert {"stem_out", "pool", "residual", "gap"} <= set(table.amax)
+        else:
+            assert table.dla is None and set(table.amax) == {"input", "stem_relu", "mixed"}
