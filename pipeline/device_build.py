@@ -111,12 +111,13 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
                                                            features.version, options.dla_batch)
     golden.say(reporter, f"device-build: {bundle.model} {precision} ({variant}) from {plan.onnx.name}: {plan.note}")
     engine = ensure_engine(plan, options, folder, gpu, trt, reporter, extra={"bundle_model": bundle.model, "variant": variant})
-    from targets.tensorrt.placement import summary
+    from targets.tensorrt.placement import check_dla_budget, summary
     from targets.tensorrt.runner import TensorRtRunner
 
     cache = plan.calibration_cache
     placement = (_metadata(engine) or {}).get("placement") or {}
     golden.say(reporter, f"  placement: {summary(placement, options.dla_core)}")
+    check_dla_budget(placement, options.dla_core, options.min_dla_layers, engine)  # a reused engine too
     if options.dla_core >= 0 and placement.get("detailed") and not placement.get("on_dla"):
         golden.say(reporter, f"  warning: DLA core {options.dla_core} asked for, every layer runs on the GPU: "
                              "set tensorrt.min_dla_layers to make this an error")

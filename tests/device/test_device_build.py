@@ -307,6 +307,19 @@ def test_device_build_on_dla_end_to_end_against_the_doubles(bundle, double, monk
     assert results["latency"]["batch"] == 3 and results["throughput"]["batch"] == 3
     assert "placement" in results["table"] and "fell back to GPU" in results["table"]
     assert not cudart.buffers  # the runner freed every allocation
+    # The engine is reused now; a DLA budget it misses still stops device-build.
+    path = bundle.root / "manifest.json"
+    text = path.read_text()
+    manifest = json.loads(text)
+    manifest["tensorrt"]["min_dla_layers"] = 1.0
+    path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(PipelineError, match="tensorrt.min_dla_layers asks 100%"):
+            device_build.build_and_check(bundle.root, "int8", dla_core=0, dla_batch=3, seconds=0.05, trtexec=False,
+                                         diagnose=False)
+    finally:
+        path.write_text(text)  # the module's other tests share the bundle
+    assert len(trt.builds) == 1  # reused, not rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------
