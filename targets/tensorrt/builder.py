@@ -15,9 +15,11 @@ the FP16-typed Q/DQ model (the FP32-typed one would run its float layers in FP32
 ONNX comes from onnxconverter-common's `convert_float_to_float16(keep_io_types=True)`: its inputs and
 outputs stay float32, so every engine takes and returns float32.
 
-`build_engine` then parses the ONNX, sets an optimization profile over the batch axis, the workspace
-limit, the persistent timing cache and DLA, and writes `model.engine` and `model.engine.json` side by
-side (the metadata last: it marks the engine complete).
+`build_engine` then parses the ONNX, sets an optimization profile over the batch axis (static,
+min = opt = max at `dla_batch`, for DLA: it supports no dynamic dimensions), the workspace limit, the
+persistent timing cache, DLA and detailed profiling verbosity, reads back where the layers landed
+(`placement.py`; `min_dla_layers` can fail the build), and writes `model.engine` and
+`model.engine.json` side by side (the metadata last: it marks the engine complete).
 """
 
 from __future__ import annotations
@@ -276,7 +278,8 @@ def build_engine(
 
 
 def _serialize(trt, plan: BuildPlan, options: EngineOptions):
-    """Parse, configure and build: (serialized engine, profile shapes, marked outputs); writes only the timing cache."""
+    """Parse, configure and build: (serialized engine, profile shapes, marked outputs, network layer names);
+    writes only the timing cache."""
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, plan))
