@@ -66,6 +66,7 @@ class CalibrationTable:
     bins: int | None  # histogram bins of `percentile` and `entropy`, else None
     amax: dict[str, float]  # tensor name -> symmetric range; INT8 scale = amax / 127
     zero_tensors: tuple[str, ...] = ()  # tensors that were zero on every image (amax = ZERO_TENSOR_AMAX)
+    dla: dict | None = None  # Jetson: {"tensors": [...], "share": {tensor: tensor}} (pipeline/stages/quantize/dla.py)
 
     def scale(self, tensor: str) -> float:
         return self.amax[tensor] / INT8_MAX
@@ -79,6 +80,7 @@ class CalibrationTable:
             "bins": self.bins,
             "tensors": {name: {"amax": amax} for name, amax in self.amax.items()},
             "zero_tensors": list(self.zero_tensors),
+            **({"dla": self.dla} if self.dla is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -137,8 +139,11 @@ class CalibrationTable:
         zero_tensors = tuple(data.get("zero_tensors", ()))
         if not set(zero_tensors) <= set(amax):
             raise ValueError("zero_tensors names tensors that the table lacks")
+        dla = data.get("dla")
+        if dla is not None and not set(dla["tensors"]) | set(dla["share"]) | set(dla["share"].values()) <= set(amax):
+            raise ValueError("the dla section names tensors that the table lacks")
         return cls(data["method"], data["images"], None if percentile is None else float(percentile), bins,
-                   amax, zero_tensors)
+                   amax, zero_tensors, dla)
 
 
 class ImageBatches(Sequence):

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline build | stages | clean | benchmark | report | device-build | verify | run | deepstream`.
+"""Command line: `python -m pipeline build | stages | clean | benchmark | report | device-build | device-check | verify | run | deepstream`.
 
 The device-side commands (device-build, verify, run, deepstream) import no torch and no build code.
 
@@ -100,9 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument("--variant", choices=("default", "fallback"), default="default",
                         help="int8: 'fallback' uses the host's Q/DQ model with more layers kept in float")
     device.add_argument("--dla-core", type=int, help="build for this DLA core with GPU fallback (Jetson Orin; default: pipeline.yaml's)")
+    device.add_argument("--dla-batch", type=int, help="the one batch size of a DLA engine (static shapes; default: pipeline.yaml's, 1)")
     device.add_argument("--seconds", type=float, default=10.0, help="timed seconds for latency and throughput (default 10)")
     device.add_argument("--no-trtexec", action="store_true", help="do not time the engine with trtexec as well")
     device.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+
+    check = commands.add_parser("device-check", help="on the device: can it build and run the bundle's engine? one line a "
+                                "fact, with what to do (exit 2 when something blocks the build)")
+    check.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="bundle folder (optional: checks its "
+                       "precision path, DLA core and disk need too)")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
 
     verify = commands.add_parser("verify", help="on the CPU it landed on: check a CPU artifact's accuracy on its golden data, time it")
     verify.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="bundle folder (or its build folder, or bundle.tar.gz)")
@@ -293,10 +300,20 @@ def _module_command(module: str):
     return run
 
 
+def _preflight(args) -> None:
+    """device-build runs device-check first and prints its lines (on stdout; errors keep stderr to themselves)."""
+    if getattr(args, "json", False):
+        return
+    from pipeline.device_check import run_checks
+
+    print("\n".join(check.line() for check in run_checks(args.bundle)), flush=True)
+
+
 _COMMANDS = {
     "build": _build, "stages": _stages, "clean": _clean, "benchmark": _benchmark,
     "report": _module_command("pipeline.report"),
-    "device-build": _module_command("pipeline.device_build"),
+    "device-build": lambda args: _preflight(args) or _module_command("pipeline.device_build")(args),
+    "device-check": _module_command("pipeline.device_check"),
     "verify": _module_command("pipeline.verify"),
     "run": _module_command("pipeline.runtime.run"),
     "deepstream": _module_command("pipeline.runtime.deepstream"),

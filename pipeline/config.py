@@ -76,6 +76,8 @@ class TensorRtOptions:
     max_batch: int = 8
     workspace_mib: int = 2048
     dla_core: int = -1  # -1: GPU only; 0/1: that DLA core with GPU fallback (Jetson Orin)
+    dla_batch: int = 1  # DLA engines have static shapes: one engine per batch size
+    min_dla_layers: float = 0.0  # fraction of the layers that must run on DLA, else the engine build fails
     timing_cache: str = "tensorrt-timing.cache"  # relative paths lie beside the device's engines
 
 
@@ -291,6 +293,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
         "quantization.fallback_group": config.quantization.fallback_group,
         "tensorrt.min_batch": config.tensorrt.min_batch,
         "tensorrt.workspace_mib": config.tensorrt.workspace_mib,
+        "tensorrt.dla_batch": config.tensorrt.dla_batch,
         "bundle.golden_images": config.bundle.golden_images,
     }
     for name, value in positive.items():
@@ -304,6 +307,8 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
                             f"not {trt.min_batch}, {trt.opt_batch}, {trt.max_batch}")
     if trt.dla_core < -1:
         raise PipelineError(f"{source}: 'tensorrt.dla_core' must be -1 (GPU only) or a DLA core number")
+    if not 0.0 <= trt.min_dla_layers <= 1.0:
+        raise PipelineError(f"{source}: 'tensorrt.min_dla_layers' is a fraction in [0, 1], not {trt.min_dla_layers}")
     if config.quantization.max_fallback_layers < 0:
         raise PipelineError(f"{source}: 'quantization.max_fallback_layers' must be 0 or more")
     for name in ("num_classes", "input_size"):

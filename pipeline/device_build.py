@@ -26,22 +26,31 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 
 from pipeline import golden
 from pipeline.artifact import ENGINES_DIR, Bundle, sha256_file
-from pipeline.divergence import DIVERGENCE_COSINE, failure_advice, first_divergence, intermediates  # noqa: F401
+from pipeline.divergence import (  # noqa: F401
+    DIVERGENCE_COSINE,
+    failure_advice,
+    first_divergence,
+    intermediates,
+)
 from pipeline.errors import DriftError, PipelineError
 from targets import GPU_TARGETS
 from targets.runner import close as _close
+from targets.tensorrt.device_info import CUDA_PYTHON_JETPACK6
+
 CALIBRATION_CACHE = "calibration.cache"  # bundle-relative: engines/calibration.cache, as trtexec.txt names it
 ENGINE_FILE = "model.engine"
 VENV_ADVICE = ("on a Jetson create the venv with `python3 -m venv --system-site-packages` so that JetPack's "
                "TensorRT bindings are visible")
-CUDA_PYTHON_ADVICE = "install `cuda-python>=12.6,<13` on JetPack 6 (CUDA 12.6)"
+CUDA_PYTHON_ADVICE = f"install `{CUDA_PYTHON_JETPACK6}` on JetPack 6 (CUDA 12.6)"
 
 
 def command(args) -> int:
-    options = dict(variant=args.variant, dla_core=args.dla_core, seconds=args.seconds, trtexec=not args.no_trtexec)
+    options = dict(variant=args.variant, dla_core=args.dla_core, dla_batch=getattr(args, "dla_batch", None),
+                   seconds=args.seconds, trtexec=not args.no_trtexec)
     results = build_and_check(args.bundle, args.precision, **options)
     bundle = Bundle.open(results["bundle"]["root"], check_hashes=False)
     written = golden.write_results(bundle, f"device-build-{results['precision']}", _without_table(results))
@@ -76,7 +85,8 @@ def no_tensorrt_message(reason: str) -> str:
 
 
 def build_and_check(bundle_dir: str | Path, precision: str | None = None, reporter=None, *,
-                    variant: str = "default", dla_core: int | None = None, seconds: float = 10.0,
+                    variant: str = "default", dla_core: int | None = None, dla_batch: int | None = None,
+                    seconds: float = 10.0,
                     trtexec: bool = True, diagnose: bool = True) -> dict:
     """Build (or reuse) the engine of a GPU bundle, check it on the golden data, time it.
 
@@ -86,28 +96,41 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
     require_tensorrt()
     import tensorrt as trt
 
-    from targets.tensorrt.device_info import gpu_description, jetson_info, l4t_release_here
+    from targets.tensorrt.device_info import (
+        gpu_description,
+        jetson_info,
+        l4t_release_here,
+    )
 
     bundle = Bundle.open(bundle_dir)
     check_gpu_bundle(bundle)
     precision = precision or bundle.precision
-    plan, options, features = plan_for(bundle, precision, variant, dla_core, trt)
+    plan, options, features = plan_for(bundle, precision, variant, dla_core, trt, dla_batch)
     gpu = {**gpu_description(), "l4t_release": l4t_release_here()}
-    folder = bundle.path(ENGINES_DIR) / engine_folder_name(precision, variant, options.dla_core, gpu["name"], features.version)
+    folder = bundle.path(ENGINES_DIR) / engine_folder_name(precision, variant, options.dla_core, gpu["name"],
+                                                           features.version, options.dla_batch)
     golden.say(reporter, f"device-build: {bundle.model} {precision} ({variant}) from {plan.onnx.name}: {plan.note}")
     engine = ensure_engine(plan, options, folder, gpu, trt, reporter, extra={"bundle_model": bundle.model, "variant": variant})
-    cache = plan.calibration_cache
-
+    from targets.tensorrt.placement import check_dla_budget, summary
     from targets.tensorrt.runner import TensorRtRunner
+
+    cache = plan.calibration_cache
+    placement = (_metadata(engine) or {}).get("placement") or {}
+    golden.say(reporter, f"  placement: {summary(placement, options.dla_core)}")
+    check_dla_budget(placement, options.dla_core, options.min_dla_layers, engine)  # a reused engine too
+    if options.dla_core >= 0 and placement.get("detailed") and not placement.get("on_dla"):
+        golden.say(reporter, f"  warning: DLA core {options.dla_core} asked for, every layer runs on the GPU: "
+                             "set tensorrt.min_dla_layers to make this an error")
 
     crops, labels, reference = golden.load_golden(bundle)
     runner = TensorRtRunner(engine)
+    low, _, high = options.batches  # a static (DLA) engine takes its one batch size only
     try:
-        logits = golden.run_golden(bundle, runner, crops, options.max_batch)
+        logits = golden.run_golden(bundle, runner, crops, high, pad=options.static)
         drift = golden.judge(f"tensorrt_{precision}", reference, logits, labels, golden.budget_for(bundle, precision))
         size = options.image_size
-        latency = golden.time_runner(runner, (1, 3, size, size), seconds)
-        throughput = golden.time_runner(runner, (options.max_batch, 3, size, size), seconds)
+        latency = golden.time_runner(runner, (low, 3, size, size), seconds)
+        throughput = golden.time_runner(runner, (high, 3, size, size), seconds)
         execution = getattr(runner, "execution_precision", precision)
     finally:
         _close(runner)
@@ -115,7 +138,7 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
     if trtexec:
         from targets.tensorrt.trtexec import run_trtexec
 
-        trtexec_figures = run_trtexec(engine, f"{options.input_name}:1x3x{size}x{size}", seconds,
+        trtexec_figures = run_trtexec(engine, f"{options.input_name}:{low}x3x{size}x{size}", seconds,
                                       dla_core=options.dla_core)
     results = {
         "command": "device-build",
@@ -127,7 +150,9 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
         "hostname": golden.hostname(),
         "engine": {"path": str(engine), "onnx": str(plan.onnx.relative_to(bundle.root)), "flags": list(plan.flags),
                    "strongly_typed": plan.strongly_typed, "calibration_cache": None if cache is None else str(cache),
-                   "note": plan.note, "execution_precision": execution, "dla_core": options.dla_core},
+                   "note": plan.note, "execution_precision": execution, "dla_core": options.dla_core,
+                   "static_shapes": options.static, "batches": list(options.batches), "placement": placement,
+                   "placement_summary": summary(placement, options.dla_core)},
         "drift": drift.as_dict(),
         "expected": (bundle.manifest.get("expected") or {}).get(precision),
         "latency": latency,
@@ -151,15 +176,19 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
 # TensorRT-independent pieces (tested on development machines).
 
 
-def plan_for(bundle: Bundle, precision: str, variant: str, dla_core: int | None, trt):
+def plan_for(bundle: Bundle, precision: str, variant: str, dla_core: int | None, trt, dla_batch: int | None = None):
     """(plan, engine options, features) for this TensorRT module: which ONNX, which flags, which cache.
 
     Writes engines/calibration.cache when the plan takes implicit INT8 from it (DLA on TensorRT 10.x).
     """
-    from targets.tensorrt.builder import detect_features, needs_calibration_cache, plan_build
+    from targets.tensorrt.builder import (
+        detect_features,
+        needs_calibration_cache,
+        plan_build,
+    )
 
     models = plan_models(bundle, precision, variant)
-    options = engine_options(bundle, precision, dla_core)
+    options = engine_options(bundle, precision, dla_core, dla_batch)
     features = detect_features(trt)
     cache = write_calibration_cache(bundle, features.version) if needs_calibration_cache(features, options) else None
     plan = plan_build(features, options, models, calibration_cache=cache)
@@ -211,12 +240,13 @@ def plan_models(bundle: Bundle, precision: str, variant: str = "default") -> dic
     return models
 
 
-def engine_options(bundle: Bundle, precision: str, dla_core: int | None = None):
-    """The builder options the bundle's `tensorrt` section says (--dla-core overrides its dla_core)."""
+def engine_options(bundle: Bundle, precision: str, dla_core: int | None = None, dla_batch: int | None = None):
+    """The builder options the bundle's `tensorrt` section says (--dla-core / --dla-batch override it)."""
     from targets.tensorrt.builder import EngineOptions
 
     trt_options = bundle.manifest.get("tensorrt") or {}
     core = trt_options.get("dla_core", -1) if dla_core is None else dla_core
+    batch = trt_options.get("dla_batch", 1) if dla_batch is None else dla_batch
     timing_cache = trt_options.get("timing_cache")
     if timing_cache:  # relative paths lie beside the engines
         timing_cache = bundle.path(ENGINES_DIR) / timing_cache if not os.path.isabs(timing_cache) else Path(timing_cache)
@@ -226,15 +256,20 @@ def engine_options(bundle: Bundle, precision: str, dla_core: int | None = None):
             min_batch=int(trt_options.get("min_batch", 1)), opt_batch=int(trt_options.get("opt_batch", 1)),
             max_batch=int(trt_options.get("max_batch", 8)),
             input_name=bundle.manifest["input"].get("name", "input"),
-            workspace_mib=int(trt_options.get("workspace_mib", 2048)), dla_core=int(core),
+            workspace_mib=int(trt_options.get("workspace_mib", 2048)), dla_core=int(core), dla_batch=int(batch),
+            min_dla_layers=float(trt_options.get("min_dla_layers", 0.0)),
             timing_cache=timing_cache or None)
     except (TypeError, ValueError) as error:
         raise PipelineError(f"{bundle.path('manifest.json')}: bad 'tensorrt' options ({error}): rebuild the bundle") from None
 
 
-def write_calibration_cache(bundle: Bundle, trt_version: str) -> Path:
-    """engines/calibration.cache for this TensorRT version, from the bundle's version-neutral table."""
-    from targets.tensorrt.calibration_cache import amax_from_table, write_legacy_cache
+def write_calibration_cache(bundle: Bundle, trt_version: str, reporter=None) -> Path:
+    """engines/calibration.cache for this TensorRT version, from the bundle's version-neutral table:
+    a scale for every tensor DLA may run in INT8 (the table's `dla` section), not only the Conv inputs."""
+    from targets.tensorrt.calibration_cache import (
+        dla_amax_from_table,
+        write_legacy_cache,
+    )
 
     int8 = bundle.manifest.get("artifacts", {}).get("int8") or {}
     table_path = bundle.path(int8.get("calibration") or bundle.manifest.get("calibration") or "calibration.json")
@@ -243,21 +278,25 @@ def write_calibration_cache(bundle: Bundle, trt_version: str) -> Path:
     except (OSError, ValueError) as error:
         raise PipelineError(f"{table_path}: cannot read the calibration table ({error}): copy the bundle again") from None
     try:
-        amax = amax_from_table(table)
+        amax, warning = dla_amax_from_table(table)
     except PipelineError as error:
         raise PipelineError(f"{table_path}: {error}") from None
+    if warning:
+        golden.say(reporter, f"  warning: {warning}")
     target = bundle.path(ENGINES_DIR) / CALIBRATION_CACHE
     write_legacy_cache(amax, trt_version, target)  # atomic: temp file, then rename
     return target
 
 
-def engine_folder_name(precision: str, variant: str, dla_core: int, gpu_name: str, trt_version: str) -> str:
-    """`int8-fallback-dla0-nvidia-orin-trt10.3.0` : one engine per precision, variant, DLA core, GPU and TensorRT."""
+def engine_folder_name(precision: str, variant: str, dla_core: int, gpu_name: str, trt_version: str,
+                       dla_batch: int = 1) -> str:
+    """`int8-fallback-dla0-b1-nvidia-orin-trt10.3.0`: one engine per precision, variant, DLA core and batch
+    (DLA engines have static shapes), GPU and TensorRT."""
     parts = [precision]
     if variant == "fallback":
         parts.append("fallback")
     if dla_core >= 0:
-        parts.append(f"dla{dla_core}")
+        parts += [f"dla{dla_core}", f"b{dla_batch}"]
     parts.append(_slug(gpu_name) or "gpu")
     parts.append(f"trt{_slug(trt_version)}")
     return "-".join(parts)
@@ -296,6 +335,8 @@ def result_table(bundle: Bundle, results: dict) -> str:
         rows.append(("trtexec GPU compute median ms / qps (batch 1)", "",
                      f"{_fmt(compute.get('median'))} / {_fmt(trtexec.get('throughput_qps'), '.1f')}"
                      + (f" ({trtexec['error']})" if trtexec.get("error") else "")))
+    if (results.get("engine") or {}).get("placement_summary"):
+        rows.append(("placement", "", results["engine"]["placement_summary"]))
     jetson = (results.get("device") or {}).get("jetson") or {}
     gpu = (results.get("device") or {}).get("gpu") or {}
     rows.append(("GPU / TensorRT", "", f"{gpu.get('name', '?')} / {results['device'].get('tensorrt')}"))
@@ -345,10 +386,13 @@ def diagnose_divergence(bundle: Bundle, plan, options, folder: Path, gpu: dict, 
     marked = replace(options, mark_outputs=tuple(order))
     engine = ensure_engine(plan, marked, folder.with_name(folder.name + "-marked"), gpu, trt, reporter)
     crops, _, _ = golden.load_golden(bundle)
-    images = min(len(next(iter(host.values()))), len(crops), options.max_batch)
+    images = min(len(next(iter(host.values()))), len(crops), options.batches[2])
     runner = TensorRtRunner(engine)
     try:
-        outputs = runner.run({runner.input_name: bundle.normalize(crops[:images])})
+        batch = crops[:images]
+        if options.static:  # the one batch size a DLA engine takes: pad with the last image
+            batch = np.concatenate([batch] + [batch[-1:]] * (options.dla_batch - images))
+        outputs = {name: value[:images] for name, value in runner.run({runner.input_name: bundle.normalize(batch)}).items()}
     finally:
         _close(runner)
     first, cosines = first_divergence(host, outputs, order)

@@ -61,13 +61,20 @@ def load_golden(bundle: Bundle) -> tuple[np.ndarray, np.ndarray | None, np.ndarr
 
 
 def run_golden(bundle: Bundle, runner, crops: np.ndarray, batch_size: int,
-               output: str | None = None) -> np.ndarray:
-    """The runner's output (logits by default) for every crop, `batch_size` crops per call."""
+               output: str | None = None, pad: bool = False) -> np.ndarray:
+    """The runner's output (logits by default) for every crop, `batch_size` crops per call.
+
+    `pad`: every call gets exactly `batch_size` crops (a static-shape engine), the last batch padded
+    with its last crop and the padding's outputs dropped."""
     output = output or runner.output_name
     batches = []
     for start in range(0, len(crops), batch_size):
-        x = bundle.normalize(crops[start:start + batch_size])
-        batches.append(np.asarray(runner.run({runner.input_name: x})[output], dtype=np.float32))
+        chunk = crops[start:start + batch_size]
+        count = len(chunk)
+        if pad and count < batch_size:
+            chunk = np.concatenate([chunk] + [chunk[-1:]] * (batch_size - count))
+        y = runner.run({runner.input_name: bundle.normalize(chunk)})[output]
+        batches.append(np.asarray(y, dtype=np.float32)[:count])
     return np.concatenate(batches)
 
 

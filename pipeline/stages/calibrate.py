@@ -18,21 +18,36 @@ if TYPE_CHECKING:
 def stage(config) -> Stage:
     q = config.quantization
     return Stage("calibrate", "activation ranges on calibration images", ("simplify",),
-                 {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins}, ("onnxruntime", "numpy"),
-                 produce_calibrate, TABLE_FILE, uses_calibration_images=True,
-                 modules=("calibration.statistics", "pipeline.stages.quantize.qdq", "targets.onnxruntime"))
+                 {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins, "dla": for_dla(config)},
+                 ("onnxruntime", "numpy"), produce_calibrate, TABLE_FILE, uses_calibration_images=True,
+                 modules=("calibration.statistics", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.dla",
+                          "targets.onnxruntime"))
+
+
+def for_dla(config) -> bool:
+    """Jetson builds also calibrate every tensor DLA may run in INT8 (Orin's DLA; desktop GPUs have none)."""
+    return config.target == "jetson"
 
 
 def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     """Activation ranges of every tensor the Q/DQ model quantizes: the single source of truth."""
+    from dataclasses import replace
+
     from calibration.statistics import ImageBatches, collect_ranges
+    from pipeline.stages.quantize.dla import dla_tensors, shared_ranges
     from pipeline.stages.quantize.qdq import quantized_activations
 
     source = inputs["simplify"].path(ONNX_FILE)
     q = ctx.config.quantization
+    tensors, dla = quantized_activations(source), None
+    if for_dla(ctx.config):  # the same table then gives the Q/DQ ONNX and the DLA calibration cache
+        share = shared_ranges(source)
+        dla = {"tensors": list(dict.fromkeys(dla_tensors(source) + list(share))), "share": share}
+        tensors = list(dict.fromkeys(tensors + dla["tensors"] + list(share.values())))
     batches = ImageBatches(ctx.calibration.crops, ctx.preprocessing, ctx.config.data.batch_size)
-    table = collect_ranges(source, quantized_activations(source), batches, method=q.method, percentile=q.percentile,
+    table = collect_ranges(source, tensors, batches, method=q.method, percentile=q.percentile,
                            bins=q.histogram_bins, threads=ctx.threads, progress=ctx.progress(f"calibrating ({q.method})"))
+    table = replace(table, dla=dla)
     table.save(folder / TABLE_FILE)
     return {"method": table.method, "images": table.images, "tensors": len(table.amax),
-            "zero_tensors": list(table.zero_tensors)}
+            "zero_tensors": list(table.zero_tensors), "dla_tensors": len(dla["tensors"]) if dla else 0}

@@ -15,22 +15,28 @@ the FP16-typed Q/DQ model (the FP32-typed one would run its float layers in FP32
 ONNX comes from onnxconverter-common's `convert_float_to_float16(keep_io_types=True)`: its inputs and
 outputs stay float32, so every engine takes and returns float32.
 
-`build_engine` then parses the ONNX, sets an optimization profile over the batch axis, the workspace
-limit, the persistent timing cache and DLA, and writes `model.engine` and `model.engine.json` side by
-side (the metadata last: it marks the engine complete).
+`build_engine` then parses the ONNX, sets an optimization profile over the batch axis (static,
+min = opt = max at `dla_batch`, for DLA: it supports no dynamic dimensions), the workspace limit, the
+persistent timing cache, DLA and detailed profiling verbosity, reads back where the layers landed
+(`placement.py`; `min_dla_layers` can fail the build), and writes `model.engine` and
+`model.engine.json` side by side (the metadata last: it marks the engine complete).
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from targets.tensorrt.hooks import (
+    attach_timing_cache,
+    cache_calibrator,
+    collecting_logger,
+    write_atomic,
+)
 from targets.tensorrt.metadata import EngineMetadata, metadata_path
+from targets.tensorrt.placement import check_dla_budget, read_placement
 
 PRECISIONS = ("int8", "fp16", "fp32")
 MODEL_KEYS = ("fp32", "fp16", "int8_qdq", "int8_qdq_fp16", "int8_qdq_fallback")
@@ -40,7 +46,6 @@ MODEL_KEYS = ("fp32", "fp16", "int8_qdq", "int8_qdq_fp16", "int8_qdq_fallback")
 class Features:
     version: str
     strongly_typed_only: bool  # no FP16/INT8 builder flags: every network is strongly typed (11.x)
-    has_strongly_typed_flag: bool
     has_int8_flag: bool
     has_fp16_flag: bool
     has_calibrator: bool  # IInt8EntropyCalibrator2: implicit INT8 from a calibration cache
@@ -52,7 +57,6 @@ def detect_features(trt) -> Features:
     return Features(
         version=str(getattr(trt, "__version__", "unknown")),
         strongly_typed_only=not (has_int8 or has_fp16),
-        has_strongly_typed_flag=hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
         has_int8_flag=has_int8,
         has_fp16_flag=has_fp16,
         has_calibrator=hasattr(trt, "IInt8EntropyCalibrator2"),
@@ -69,13 +73,24 @@ class EngineOptions:
     input_name: str = "input"
     workspace_mib: int = 2048
     dla_core: int = -1  # -1: GPU only; 0/1: that DLA core with GPU fallback (Jetson Orin)
+    dla_batch: int = 1  # DLA takes static shapes only: its engine is built for this one batch size
+    min_dla_layers: float = 0.0  # fraction of the layers that must land on DLA, else the build fails
     timing_cache: Path | None = None
     mark_outputs: tuple[str, ...] = ()  # intermediate tensors to return too (finding where drift starts)
 
+    @property
+    def static(self) -> bool:
+        """DLA supports no dynamic dimensions (min = opt = max): a DLA engine has one batch size."""
+        return self.dla_core >= 0
+
+    @property
+    def batches(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch of the optimization profile."""
+        return (self.dla_batch,) * 3 if self.static else (self.min_batch, self.opt_batch, self.max_batch)
+
     def shapes(self, channels: int = 3) -> dict[str, list[int]]:
         size = self.image_size
-        return {key: [batch, channels, size, size]
-                for key, batch in (("min", self.min_batch), ("opt", self.opt_batch), ("max", self.max_batch))}
+        return {key: [batch, channels, size, size] for key, batch in zip(("min", "opt", "max"), self.batches, strict=True)}
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -83,11 +98,13 @@ class EngineOptions:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise PipelineError(f"tensorrt batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch, "
                                 f"not {self.min_batch}, {self.opt_batch}, {self.max_batch}")
-        if self.image_size < 1 or self.workspace_mib < 1:
-            raise PipelineError(f"image_size and tensorrt.workspace_mib must be positive "
-                                f"(got {self.image_size}, {self.workspace_mib})")
+        if self.image_size < 1 or self.workspace_mib < 1 or self.dla_batch < 1:
+            raise PipelineError(f"image_size, tensorrt.workspace_mib and tensorrt.dla_batch must be positive "
+                                f"(got {self.image_size}, {self.workspace_mib}, {self.dla_batch})")
         if self.dla_core < -1:
             raise PipelineError(f"tensorrt.dla_core must be -1 (GPU only) or a DLA core number, not {self.dla_core}")
+        if not 0.0 <= self.min_dla_layers <= 1.0:
+            raise PipelineError(f"tensorrt.min_dla_layers is a fraction in [0, 1], not {self.min_dla_layers}")
 
 
 @dataclass(frozen=True)
@@ -222,13 +239,16 @@ def build_engine(
         raise PipelineError(f"{plan.onnx}: ONNX model not found: copy the whole bundle again")
     engine_path = Path(engine_path)
     try:
-        serialized, shapes, marked = _serialize(trt, plan, options)
+        serialized, shapes, marked, layers = _serialize(trt, plan, options)
     except PipelineError:
         raise
     except Exception as error:  # the bindings raise RuntimeError/TypeError with TensorRT's text
         lines = str(error).strip().splitlines()
         raise PipelineError(f"TensorRT {trt.__version__} failed to build an engine from {plan.onnx}: "
                             f"{type(error).__name__}: {lines[0] if lines else ''}") from error
+    # What TensorRT really built, not what was asked for: DLA falls back to the GPU without an error.
+    placement = read_placement(trt, serialized, layers, options.dla_core)
+    check_dla_budget(placement, options.dla_core, options.min_dla_layers, engine_path)
 
     metadata = EngineMetadata(
         tensorrt_version=str(trt.__version__),
@@ -242,6 +262,8 @@ def build_engine(
         source_onnx=Path(plan.onnx).name,
         source_onnx_sha256=sha256_file(Path(plan.onnx)),
         dla_core=options.dla_core,
+        static_shapes=options.static,
+        placement=placement,
         built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         pipeline_version=__version__,
         extra={"flags": list(plan.flags), "note": plan.note, "marked_outputs": marked,
@@ -250,14 +272,15 @@ def build_engine(
     )
     # Old metadata goes first: an engine without metadata is never taken for a complete one.
     metadata_path(engine_path).unlink(missing_ok=True)
-    _write_atomic(engine_path, serialized)
+    write_atomic(engine_path, serialized)
     metadata.save(metadata_path(engine_path))
     return metadata
 
 
 def _serialize(trt, plan: BuildPlan, options: EngineOptions):
-    """Parse, configure and build: (serialized engine, profile shapes, marked outputs); writes only the timing cache."""
-    logger = _collecting_logger(trt)
+    """Parse, configure and build: (serialized engine, profile shapes, marked outputs, network layer names);
+    writes only the timing cache."""
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
@@ -269,6 +292,7 @@ def _serialize(trt, plan: BuildPlan, options: EngineOptions):
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the engine inspector then names placement
     for flag in plan.flags:
         if not hasattr(trt.BuilderFlag, flag):
             raise PipelineError(f"TensorRT {trt.__version__} has no builder flag {flag}: plan the build with "
@@ -279,7 +303,7 @@ def _serialize(trt, plan: BuildPlan, options: EngineOptions):
     profile.set_shape(options.input_name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
     if options.dla_core >= 0:
-        cores = getattr(builder, "num_DLA_cores", 0)
+        cores = builder.num_DLA_cores
         if options.dla_core >= cores:
             raise PipelineError(f"DLA core {options.dla_core} asked for, this device has {cores} DLA cores: "
                                 "use --dla-core -1 (GPU)" + (f" or 0..{cores - 1}" if cores else ""))
@@ -287,19 +311,19 @@ def _serialize(trt, plan: BuildPlan, options: EngineOptions):
         config.DLA_core = options.dla_core
     calibrator = None  # referenced here until the build ends: TensorRT calls back into it
     if plan.calibration_cache is not None:
-        calibrator = _cache_calibrator(trt, Path(plan.calibration_cache))
+        calibrator = cache_calibrator(trt, Path(plan.calibration_cache))
         config.int8_calibrator = calibrator
-        if hasattr(config, "set_calibration_profile"):
-            config.set_calibration_profile(profile)
-    timing_cache = _attach_timing_cache(config, options.timing_cache)
+        config.set_calibration_profile(profile)  # the branch runs on 10.x only, which has it
+    timing_cache = attach_timing_cache(config, options.timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = "; ".join(logger.errors[-3:]) or "see TensorRT's messages above"
         raise PipelineError(f"TensorRT {trt.__version__} could not build an engine from {plan.onnx}: {detail}")
     if options.timing_cache is not None:
-        _write_atomic(Path(options.timing_cache), bytes(timing_cache.serialize()))
-    return bytes(serialized), shapes, marked
+        write_atomic(Path(options.timing_cache), bytes(timing_cache.serialize()))
+    layers = [network.get_layer(i).name for i in range(network.num_layers)]
+    return bytes(serialized), shapes, marked, layers
 
 
 def _this_device() -> dict:
@@ -309,10 +333,9 @@ def _this_device() -> dict:
 
 
 def _network_flags(trt, plan: BuildPlan) -> int:
-    flags = 0
-    if plan.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    return flags  # without the flag a strongly typed-only TensorRT is strongly typed anyway
+    # Strongly typed plans come only from a strongly typed-only TensorRT (11.x): every network is strongly
+    # typed there and NetworkDefinitionCreationFlag.STRONGLY_TYPED is a deprecated no-op, so no flag is set.
+    return 0
 
 
 def _check_input(network, options: EngineOptions, plan: BuildPlan) -> int:
@@ -346,72 +369,3 @@ def _mark_outputs(network, names: tuple[str, ...], plan: BuildPlan) -> list[str]
             network.mark_output(tensors[name])
             marked.append(name)
     return marked
-
-
-def _attach_timing_cache(config, path: Path | None):
-    """Load the persistent timing cache when there is one (an unusable one is replaced, not fatal)."""
-    data = b""
-    if path is not None and Path(path).is_file():
-        data = Path(path).read_bytes()
-    try:
-        cache = config.create_timing_cache(data)
-    except Exception:  # written by another TensorRT or device: start afresh, the build only gets slower
-        cache = None
-    if cache is None:
-        cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, False)  # ignore_mismatch=False: never reuse another device's timings
-    return cache
-
-
-def _cache_calibrator(trt, cache: Path):
-    """An entropy calibrator with no images: TensorRT reads every scale from the legacy cache."""
-    if not cache.is_file():
-        raise PipelineError(f"{cache}: calibration cache not found: write it from the bundle's calibration.json")
-    data = cache.read_bytes()
-
-    class CacheOnlyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-
-        def get_batch_size(self):
-            return 1
-
-        def get_batch(self, names):
-            return None  # no images: a tensor missing from the cache fails the build instead of guessing
-
-        def read_calibration_cache(self):
-            return data
-
-        def write_calibration_cache(self, cache_data):
-            return None
-
-    return CacheOnlyCalibrator()
-
-
-def _collecting_logger(trt):
-    """TensorRT's messages on stderr as usual, errors also kept for the one-line PipelineError."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, message):
-            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
-                self.errors.append(str(message).strip())
-            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR, trt.ILogger.WARNING):
-                print(f"[TensorRT] {message}", file=sys.stderr)
-
-    return CollectingLogger()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -71,6 +71,27 @@ def amax_from_table(table: dict) -> dict[str, float]:
     return amax
 
 
+def dla_amax_from_table(table: dict) -> tuple[dict[str, float], str | None]:
+    """(tensor -> amax for the DLA cache, a warning or None) from a loaded calibration table.
+
+    A Jetson build's table has a `dla` section: every tensor DLA may run in INT8 and the links
+    (`share`) that give ReLU/MaxPool/Concat neighbours one range (pipeline/stages/quantize/dla.py).
+    Without it (an older bundle) the cache has the Q/DQ tensors only, and DLA runs the rest in FP16.
+    """
+    amax = amax_from_table(table)
+    dla = table.get("dla")
+    if dla is None:
+        return amax, ("the calibration table has no DLA section (an older bundle): only the Conv inputs get a scale "
+                      "and DLA runs every other tensor in FP16; rebuild the bundle for full INT8 on DLA")
+    try:
+        names, share = list(dla["tensors"]), dict(dla["share"])
+        ranges = {name: amax[share.get(name, name)] for name in names}
+    except (KeyError, TypeError) as error:
+        raise PipelineError(f"calibration table: bad 'dla' section ({type(error).__name__}: {error}): "
+                            "rebuild the bundle") from None
+    return {**amax, **ranges}, None
+
+
 def write_legacy_cache(amax: dict[str, float], trt_version: str, path: str | os.PathLike) -> Path:
     """Write the cache atomically; scales are amax / 127 rounded to float32."""
     path = Path(path)

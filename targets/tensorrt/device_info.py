@@ -16,8 +16,13 @@ from pipeline.errors import PipelineError
 
 NO_TENSORRT = ("TensorRT's Python module is not installed (it cannot be installed on development machines; "
                "on Jetson, make the venv with `python3 -m venv --system-site-packages` so JetPack's TensorRT is visible)")
-NO_CUDA_PYTHON = ("cuda-python is not installed (pip install 'cuda-python>=12.6,<13' on JetPack 6 / CUDA 12, "
-                  "'cuda-python>=13,<14' on CUDA 13)")
+# The cuda-python each CUDA generation takes: 13.x needs a driver >= 580, which JetPack 6 (CUDA 12.6) lacks
+# (cudaErrorInsufficientDriver at the first call). pyproject.toml's `tensorrt` (JetPack 6) and
+# `tensorrt-cuda13` extras pin the same (tests/device/test_device_check.py checks it).
+CUDA_PYTHON_JETPACK6 = "cuda-python>=12.6,<12.7"
+CUDA_PYTHON_CUDA13 = "cuda-python>=13,<14"
+NO_CUDA_PYTHON = (f"cuda-python is not installed (pip install '{CUDA_PYTHON_JETPACK6}' on JetPack 6 / CUDA 12.6, "
+                  f"'{CUDA_PYTHON_CUDA13}' on CUDA 13)")
 
 
 def cudart():
@@ -165,8 +170,11 @@ def _clocks_mhz(root: Path) -> dict:
             cpus[Path(file).parts[-3]] = round(value / 1000)  # kHz
     if cpus:
         clocks["cpu"] = cpus
+    # JetPack 6: 17000000.gpu; JetPack 5 names the Orin GPU by its chip, 17000000.ga10b (Xavier: gv11b).
     for pattern in ("sys/class/devfreq/*gpu*/cur_freq", "sys/devices/platform/gpu.0/devfreq/*/cur_freq",
-                    "sys/devices/platform/*gpu*/devfreq/*/cur_freq"):
+                    "sys/devices/platform/*gpu*/devfreq/*/cur_freq", "sys/class/devfreq/*.ga10b/cur_freq",
+                    "sys/devices/*.ga10b/devfreq/*/cur_freq", "sys/class/devfreq/*.gv11b/cur_freq",
+                    "sys/devices/*.gv11b/devfreq/*/cur_freq"):
         values = [v for v in (_number(f) for f in sorted(glob.glob(str(root / pattern)))) if v is not None]
         if values:
             clocks["gpu"] = round(values[0] / 1e6)  # Hz

@@ -40,6 +40,8 @@ class EngineMetadata:
     dla_core: int  # -1: GPU only
     built_at: str  # UTC, ISO 8601
     pipeline_version: str
+    static_shapes: bool = False  # min = opt = max (every DLA engine); False: a dynamic batch axis
+    placement: dict = field(default_factory=dict)  # what the engine inspector says ran where (placement.py)
     extra: dict = field(default_factory=dict)  # flags, plan note, marked outputs, caller's fields
 
     def as_dict(self) -> dict:

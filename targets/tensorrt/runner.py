@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from targets.tensorrt.device_info import NO_TENSORRT, check, cudart, gpu_description
 from targets.tensorrt.metadata import REBUILD, EngineMetadata, check_compatible, metadata_path
+from targets.tensorrt.placement import summary
 
 OUTPUT_NAME = "logits"
 
@@ -87,8 +88,7 @@ class TensorRtRunner:
         self.input_name = self.metadata.input_name
         self.output_name = OUTPUT_NAME if OUTPUT_NAME in self.outputs else self.outputs[0]
         self.execution_precision = self.metadata.precision
-        where = f"DLA {self.metadata.dla_core}" if self.metadata.dla_core >= 0 else "GPU"
-        self.name = name or f"tensorrt {self.metadata.precision} ({where})"
+        self.name = name or f"tensorrt {self.metadata.precision} ({self._where()})"
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.min_shape, _, self.max_shape = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
         try:
@@ -127,6 +127,10 @@ class TensorRtRunner:
         x = np.ascontiguousarray(x, dtype=self.dtypes[self.input_name])
         if x.ndim != len(self.max_shape) or x.shape[1:] != tuple(self.max_shape[1:]):
             raise PipelineError(f"{self.name}: input shape {x.shape}, the engine takes (N,) + {tuple(self.max_shape[1:])}")
+        if self.metadata.static_shapes and x.shape[0] != self.max_shape[0]:
+            raise PipelineError(f"{self.name}: batch {x.shape[0]}, this engine takes batch {self.max_shape[0]} only "
+                                "(static shapes, as DLA needs): pad the batch or build one with --dla-batch "
+                                f"{x.shape[0]}")
         if not self.min_shape[0] <= x.shape[0] <= self.max_shape[0]:
             raise PipelineError(f"{self.name}: batch {x.shape[0]} outside the engine's profile "
                                 f"{self.min_shape[0]}..{self.max_shape[0]}: rebuild with other tensorrt batch sizes")
@@ -162,9 +166,18 @@ class TensorRtRunner:
 
     def describe(self) -> dict:
         """What really ran, for reports (the runner contract of `targets.runner`)."""
-        where = f"DLA {self.metadata.dla_core}" if self.metadata.dla_core >= 0 else "GPU"
-        return {"runtime": f"tensorrt {self._trt.__version__}", "device": f"{where}: {self.metadata.gpu_name}",
-                "execution_precision": self.execution_precision, "engine": str(self.engine_path)}
+        return {"runtime": f"tensorrt {self._trt.__version__}", "device": f"{self._where()}: {self.metadata.gpu_name}",
+                "execution_precision": self.execution_precision, "engine": str(self.engine_path),
+                "placement": summary(self.metadata.placement, self.metadata.dla_core)}
+
+    def _where(self) -> str:
+        """Where the engine runs by its read-back placement, not by what was asked (DLA falls back silently)."""
+        core, placed = self.metadata.dla_core, self.metadata.placement or {}
+        if core < 0:
+            return "GPU"
+        if placed.get("detailed") and not placed.get("on_dla"):
+            return f"GPU: nothing landed on DLA {core}"
+        return f"DLA {core}"
 
     def close(self) -> None:
         if self._stream is not None and self._pending is not None:

@@ -21,16 +21,20 @@ CALIBRATION_CACHE = "engines/calibration.cache"  # written on the device by devi
 ENGINES = "engines"
 
 
-def _common(manifest: dict, engine: str) -> list[str]:
+def _common(manifest: dict, engine: str, static: bool = False) -> list[str]:
+    """Shapes, workspace, timing cache, output; `static`: min = opt = max = tensorrt.dla_batch (DLA)."""
     name = (manifest.get("input") or {}).get("name", "input")
     size = int((manifest.get("input") or {})["size"])
     options = manifest.get("tensorrt") or {}
     shape = lambda batch: f"{name}:{int(batch)}x3x{size}x{size}"  # noqa: E731
     timing_cache = options.get("timing_cache") or "tensorrt-timing.cache"
+    batches = [options.get(key, default) for key, default in (("min_batch", 1), ("opt_batch", 1), ("max_batch", 8))]
+    if static:  # DLA supports no dynamic dimensions
+        batches = [options.get("dla_batch", 1)] * 3
     return [
-        f"--minShapes={shape(options.get('min_batch', 1))}",
-        f"--optShapes={shape(options.get('opt_batch', 1))}",
-        f"--maxShapes={shape(options.get('max_batch', 8))}",
+        f"--minShapes={shape(batches[0])}",
+        f"--optShapes={shape(batches[1])}",
+        f"--maxShapes={shape(batches[2])}",
         f"--memPoolSize=workspace:{int(options.get('workspace_mib', 2048))}M",
         f"--timingCacheFile={ENGINES}/{Path(timing_cache).name}",
         f"--saveEngine={ENGINES}/{engine}",
@@ -50,12 +54,12 @@ def command_lines(manifest: dict) -> list[str]:
         if "int8_qdq_fp16" in models:
             cases.append(("TensorRT 11.x (always strongly typed): the FP16-typed Q/DQ model",
                           ["--stronglyTyped", f"--onnx={models['int8_qdq_fp16']}"], "trtexec-int8-trt11.engine"))
-        if "fp32" in models and (dla_core >= 0 or manifest.get("target") == "jetson"):
-            core = max(dla_core, 0)
-            cases.append((f"TensorRT 10.3 (JetPack 6, Orin DLA core {core}): implicit INT8 from the legacy "
-                          f"calibration cache that device-build writes to {CALIBRATION_CACHE}",
-                          [f"--onnx={models['fp32']}", f"--useDLACore={core}", "--allowGPUFallback", "--int8",
-                           "--fp16", f"--calib={CALIBRATION_CACHE}"], f"trtexec-int8-dla{core}.engine"))
+        if "fp32" in models and dla_core >= 0:  # only where a DLA core is configured (Orin Nano has none)
+            batch = int((manifest.get("tensorrt") or {}).get("dla_batch", 1))
+            cases.append((f"TensorRT 10.3 (JetPack 6, Orin DLA core {dla_core}, static batch {batch}): implicit INT8 "
+                          f"from the legacy calibration cache that device-build writes to {CALIBRATION_CACHE}",
+                          [f"--onnx={models['fp32']}", f"--useDLACore={dla_core}", "--allowGPUFallback", "--int8",
+                           "--fp16", f"--calib={CALIBRATION_CACHE}"], f"trtexec-int8-dla{dla_core}-b{batch}.engine"))
     elif precision == "fp16":
         if "fp32" in models:
             cases.append(("TensorRT 10.x: FP32 ONNX with the FP16 flag",
@@ -67,8 +71,9 @@ def command_lines(manifest: dict) -> list[str]:
         cases.append(("TensorRT 10.x and 11.x: FP32", [f"--onnx={models['fp32']}"], "trtexec-fp32.engine"))
     lines = []
     for comment, arguments, engine in cases:
+        static = any(a.startswith("--useDLACore=") for a in arguments)
         lines.append(f"# {comment}")
-        lines.append(" ".join(["trtexec"] + [shlex.quote(a) for a in arguments + _common(manifest, engine)]))
+        lines.append(" ".join(["trtexec"] + [shlex.quote(a) for a in arguments + _common(manifest, engine, static)]))
     return lines
 
 

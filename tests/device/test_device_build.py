@@ -59,9 +59,10 @@ def test_no_tensorrt_gives_one_clear_line_and_exit_2(tmp_path, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot build a TensorRT engine here: ")
     assert reason.rstrip(".") in lines[0]
-    assert "--system-site-packages" in lines[0] and "cuda-python>=12.6,<13" in lines[0]
+    assert "--system-site-packages" in lines[0] and "cuda-python>=12.6,<12.7" in lines[0]
     assert lines[0].count("--system-site-packages") == 1  # the advice does not repeat the reason
     assert "Traceback" not in captured.err
+    assert "FAIL tensorrt" in captured.out  # device-check ran first, on stdout
 
 
 def test_no_tensorrt_without_torch(tmp_path):
@@ -82,7 +83,11 @@ def test_engine_folder_names_keep_engines_apart():
     from pipeline.device_build import engine_folder_name
 
     assert engine_folder_name("int8", "default", -1, "NVIDIA Orin", "10.3.0") == "int8-nvidia-orin-trt10.3.0"
-    assert engine_folder_name("int8", "fallback", 0, "NVIDIA Orin", "10.3.0") == "int8-fallback-dla0-nvidia-orin-trt10.3.0"
+    assert engine_folder_name("int8", "fallback", 0, "NVIDIA Orin", "10.3.0") == "int8-fallback-dla0-b1-nvidia-orin-trt10.3.0"
+    # DLA engines have static shapes: one engine per batch size, named by it
+    assert engine_folder_name("int8", "default", 1, "NVIDIA Orin", "10.3.0", dla_batch=4) == \
+        "int8-dla1-b4-nvidia-orin-trt10.3.0"
+    assert engine_folder_name("int8", "default", -1, "NVIDIA Orin", "10.3.0", dla_batch=4) == "int8-nvidia-orin-trt10.3.0"
     assert engine_folder_name("fp16", "default", -1, "NVIDIA GeForce RTX 4090", "11.4.1") == \
         "fp16-nvidia-geforce-rtx-4090-trt11.4.1"
 
@@ -209,7 +214,7 @@ def double():
 def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
     from pipeline.device_build import engine_folder_name, ensure_engine, plan_for
 
-    trt = double.make_tensorrt("10.3.0")
+    trt = double.make_tensorrt("10.3", "10.3.0")
     plan, options, features = plan_for(bundle, "int8", "default", None, trt)
     assert plan.onnx == bundle.root / "models" / "int8_qdq.onnx" and plan.calibration_cache is None
     folder = bundle.root / "engines" / engine_folder_name("int8", "default", -1, TEST_GPU["name"], features.version)
@@ -226,7 +231,7 @@ def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
     assert metadata["source_onnx"] == "int8_qdq.onnx"
     # Same TensorRT, GPU and ONNX: reused; another TensorRT: rebuilt.
     assert ensure_engine(plan, options, folder, TEST_GPU, trt) == engine and len(trt.builds) == 1
-    newer = double.make_tensorrt("10.16.0")
+    newer = double.make_tensorrt("10.3", "10.16.0")
     ensure_engine(plan, options, folder, TEST_GPU, newer)
     assert len(newer.builds) == 1
 
@@ -234,7 +239,7 @@ def test_int8_on_tensorrt_10_asks_for_the_bundle_options(bundle, double):
 def test_dla_on_tensorrt_10_takes_the_legacy_cache(bundle, double):
     from pipeline.device_build import ensure_engine, plan_for
 
-    trt = double.make_tensorrt("10.3.0")
+    trt = double.make_tensorrt("10.3", "10.3.0")
     plan, options, _ = plan_for(bundle, "int8", "default", 0, trt)
     assert plan.onnx.name == "fp32.onnx" and plan.calibration_cache == bundle.root / "engines" / "calibration.cache"
     ensure_engine(plan, options, bundle.root / "engines" / "dla", TEST_GPU, trt)
@@ -250,15 +255,60 @@ def test_dla_on_tensorrt_10_takes_the_legacy_cache(bundle, double):
 def test_strongly_typed_tensorrt_and_the_fallback_variant(bundle, double):
     from pipeline.device_build import ensure_engine, plan_for
 
-    trt = double.make_tensorrt("11.4.1", strongly_typed_only=True)
+    trt = double.make_tensorrt("11.1", "11.4.1")
     plan, options, _ = plan_for(bundle, "int8", "default", None, trt)
     assert plan.onnx.name == "int8_qdq_fp16.onnx" and plan.strongly_typed
     ensure_engine(plan, options, bundle.root / "engines" / "st", TEST_GPU, trt)
     assert not {"FP16", "INT8"} & set(trt.builds[0]["builder_flags"])
     plan, _, _ = plan_for(bundle, "int8", "fallback", None, trt)
     assert plan.onnx.name == "int8_qdq_fallback.onnx"
-    plan, _, _ = plan_for(bundle, "fp16", "default", None, double.make_tensorrt("10.3.0"))
+    plan, _, _ = plan_for(bundle, "fp16", "default", None, double.make_tensorrt("10.3", "10.3.0"))
     assert plan.onnx.name == "fp32.onnx" and "FP16" in plan.flags
+
+
+def test_device_build_on_dla_end_to_end_against_the_doubles(bundle, double, monkeypatch):
+    """The whole device-build flow on DLA core 0, batch 3 (static): plan, cache, build, placement,
+    golden run with a padded last batch (16 images), latency and throughput at the one batch size.
+    TensorRT and CUDA are the labelled test doubles: the drift verdict means nothing and is not checked."""
+    import sys
+
+    import pipeline.device_build as device_build
+    import targets.tensorrt.device_info as device_info
+    import targets.tensorrt.runner as runner_module
+    from tests.targets.cuda_double import make_cudart
+
+    cudart, trt = make_cudart(), double.make_tensorrt("10.3", "10.3.0")
+    gpu = {**TEST_GPU, "memory_mib": 8192, "devices": 1, "driver": "12.6", "runtime": "12.6", "cuda_python": None}
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(device_build, "require_tensorrt", lambda: None)
+    for module in (device_info, runner_module):
+        monkeypatch.setattr(module, "cudart", lambda: cudart)
+        monkeypatch.setattr(module, "gpu_description", lambda device=0: gpu)
+    results = device_build.build_and_check(bundle.root, "int8", dla_core=0, dla_batch=3, seconds=0.05,
+                                           trtexec=False, diagnose=False)
+    (record,) = trt.builds
+    assert record["device"] == "DLA" and record["profiles"] == [{"input": {k: [3, 3, 224, 224] for k in ("min", "opt", "max")}}]
+    engine = results["engine"]
+    assert Path(engine["path"]).parent.name == "int8-dla0-b3-nvidia-orin-test-double-trt10.3.0"
+    assert engine["static_shapes"] and engine["batches"] == [3, 3, 3]
+    assert engine["placement"]["on_dla"] > 0 and " layers on DLA 0, " in engine["placement_summary"]
+    assert results["drift"]["images"] == 16  # 6 calls of 3, the last padded, the padding dropped
+    assert results["latency"]["batch"] == 3 and results["throughput"]["batch"] == 3
+    assert "placement" in results["table"] and "fell back to GPU" in results["table"]
+    assert not cudart.buffers  # the runner freed every allocation
+    # The engine is reused now; a DLA budget it misses still stops device-build.
+    path = bundle.root / "manifest.json"
+    text = path.read_text()
+    manifest = json.loads(text)
+    manifest["tensorrt"]["min_dla_layers"] = 1.0
+    path.write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(PipelineError, match="tensorrt.min_dla_layers asks 100%"):
+            device_build.build_and_check(bundle.root, "int8", dla_core=0, dla_batch=3, seconds=0.05, trtexec=False,
+                                         diagnose=False)
+    finally:
+        path.write_text(text)  # the module's other tests share the bundle
+    assert len(trt.builds) == 1  # reused, not rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_MODULES = [
     "pipeline/__init__.py", "pipeline/__main__.py", "pipeline/artifact.py", "pipeline/drift.py", "pipeline/errors.py",
-    "pipeline/golden.py", "pipeline/device_build.py", "pipeline/divergence.py", "pipeline/verify.py", "pipeline/cli.py",
+    "pipeline/golden.py", "pipeline/device_build.py", "pipeline/device_check.py", "pipeline/divergence.py", "pipeline/verify.py", "pipeline/cli.py",
     "targets/__init__.py", "targets/runner.py", "targets/timing.py", "targets/onnxruntime.py", "targets/openvino.py",
 ]
 DEVICE_PACKAGES = ["targets/tensorrt", "pipeline/runtime"]
 # What the device imports of the project (the modules the device commands load, found by importing them).
-DEVICE_ENTRY_POINTS = ["pipeline.cli", "pipeline.device_build", "pipeline.verify", "pipeline.golden", "targets.openvino"]
+DEVICE_ENTRY_POINTS = ["pipeline.cli", "pipeline.device_build", "pipeline.device_check", "pipeline.verify", "pipeline.golden", "targets.openvino"]
 BUILD_ONLY = ("torch", "onnx", "onnxsim", "onnxruntime", "nncf", "onnxconverter_common")
 
 # Standard-library names added after 3.10: (module, attribute or None for the whole module).
@@ -87,7 +87,7 @@ def test_the_checker_catches_what_python_310_lacks():
 def test_every_device_module_is_python_310():
     files = _device_files()
     names = {str(f.relative_to(ROOT)) for f in files}
-    assert {"pipeline/golden.py", "pipeline/device_build.py", "pipeline/verify.py", "pipeline/artifact.py"} <= names
+    assert {"pipeline/golden.py", "pipeline/device_build.py", "pipeline/device_check.py", "pipeline/verify.py", "pipeline/artifact.py"} <= names
     problems = []
     for file in files:
         source = file.read_text(encoding="utf-8")

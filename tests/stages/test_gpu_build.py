@@ -62,14 +62,16 @@ def test_bundle_lists_every_file_and_opens(gpu_build, bundle):
     assert int8["file"] == "models/int8_qdq.onnx" and int8["strongly_typed"] == "models/int8_qdq_fp16.onnx"
     assert int8["fallback"] == "models/int8_qdq_fallback.onnx" and int8["calibration"] == "calibration.json"
     assert manifest["tensorrt"] == {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "workspace_mib": 512,
-                                    "dla_core": -1, "timing_cache": "tensorrt-timing.cache"}
+                                    "dla_core": -1, "dla_batch": 1, "min_dla_layers": 0.0,
+                                    "timing_cache": "tensorrt-timing.cache"}
+    assert not any("--useDLACore" in line for line in manifest["trtexec"])  # no DLA core configured
     assert manifest["expected"]["fp16"]["host_proxy"] is True and manifest["expected"]["fp32"]["host_proxy"] is False
     # The engines are judged on TensorRT's budgets (tensorrt_int8 from small.yaml; fp32 allows TF32).
     assert manifest["budgets"]["int8"] == {"max_top1_drop": 3.0}
     assert manifest["budgets"]["fp16"] == {"min_agreement": 0.99}
     assert manifest["budgets"]["fp32"] == {"min_agreement": 0.999, "min_cosine": 0.9999}
     readme = bundle.path("README.md").read_text()
-    assert "--system-site-packages" in readme and "cuda-python>=12.6,<13" in readme
+    assert "--system-site-packages" in readme and "cuda-python>=12.6,<12.7" in readme
     assert "python -m pipeline device-build ." in readme and manifest["wheel"] in readme
 
 

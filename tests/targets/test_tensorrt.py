@@ -22,8 +22,8 @@ from tests.targets.tensorrt_double import engine_record, make_tensorrt
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "targets" / "tensorrt"
-TRT10 = dict(version="10.3.0")
-TRT11 = dict(version="11.4.1", strongly_typed_only=True)
+TRT10 = dict(api="10.3", version="10.3.0")  # the double offers exactly the names of these API lists
+TRT11 = dict(api="11.1", version="11.1.0")
 DEVICE = {"name": "Orin", "compute_capability": "8.7", "l4t_release": "36.4.3"}  # what cuda-python would say
 ALL_MODELS = ("fp32", "fp16", "int8_qdq", "int8_qdq_fp16")
 
@@ -84,10 +84,10 @@ def options(**changes) -> EngineOptions:
 def test_features_are_read_from_the_module_not_its_version():
     ten, eleven = detect_features(make_tensorrt(**TRT10)), detect_features(make_tensorrt(**TRT11))
     assert (ten.strongly_typed_only, ten.has_int8_flag, ten.has_fp16_flag, ten.has_calibrator) == (False, True, True, True)
-    assert ten.has_strongly_typed_flag and ten.version == "10.3.0"
+    assert ten.version == "10.3.0"
     assert (eleven.strongly_typed_only, eleven.has_int8_flag, eleven.has_calibrator) == (True, False, False)
     # A 10.x version string on a module without precision flags is still planned as strongly typed.
-    odd = detect_features(make_tensorrt(version="10.16.0", strongly_typed_only=True))
+    odd = detect_features(make_tensorrt("10.3", "10.16.0", hide=("BuilderFlag.FP16", "BuilderFlag.INT8")))
     assert odd.strongly_typed_only
 
 
@@ -142,7 +142,7 @@ def test_impossible_requests_are_refused(models):
     with pytest.raises(PipelineError, match="min_batch <= opt_batch <= max_batch"):
         plan_build(ten, options(min_batch=4, opt_batch=2), models)
     # DLA INT8 on a TensorRT with neither calibrators nor strongly typed-only builds nor the INT8 flag.
-    neither = Features("10.99.0", False, True, has_int8_flag=False, has_fp16_flag=True, has_calibrator=False)
+    neither = Features("10.99.0", False, has_int8_flag=False, has_fp16_flag=True, has_calibrator=False)
     with pytest.raises(PipelineError, match="needs a calibrator or the INT8 flag"):
         plan_build(neither, options(dla_core=0), models)
 
@@ -204,9 +204,8 @@ def test_trt11_int8_is_strongly_typed_from_the_fp16_qdq_model(models, tmp_path):
     asked = trt.builds[-1]
     assert plan.onnx == models["int8_qdq_fp16"] and meta.source_onnx == "int8_qdq_fp16.onnx"
     assert asked["builder_flags"] == [] and meta.strongly_typed
-    # A TensorRT that still has the STRONGLY_TYPED creation flag gets it set.
-    trt, *_ = build_with(dict(TRT11, strongly_typed_flag=True), models, tmp_path)
-    assert trt.builds[-1]["network_flags"] == ["STRONGLY_TYPED"]
+    # 11.1 keeps STRONGLY_TYPED as a deprecated no-op: every network is strongly typed, no flag is set.
+    assert hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and asked["network_flags"] == []
 
 
 def test_dla_with_gpu_fallback_and_the_legacy_cache(models, tmp_path):
@@ -216,7 +215,10 @@ def test_dla_with_gpu_fallback_and_the_legacy_cache(models, tmp_path):
     assert asked["device"] == "DLA" and asked["dla_core"] == 1
     assert asked["builder_flags"] == ["FP16", "GPU_FALLBACK", "INT8"]
     assert asked["calibration_cache"] == cache.read_text()  # the calibrator hands TensorRT the cache
-    assert asked["calibration_profile"] == asked["profiles"][0]  # implicit INT8 with a dynamic batch needs it
+    # DLA supports no dynamic dimensions: the batch range 1..8 of the options gives way to min = opt = max.
+    static = {"input": {"min": [1, 3, 32, 32], "opt": [1, 3, 32, 32], "max": [1, 3, 32, 32]}}
+    assert asked["profiles"] == [static] and asked["calibration_profile"] == static
+    assert meta.static_shapes and meta.input_shapes == static["input"]
     assert plan.onnx == models["fp32"] and meta.dla_core == 1 and meta.extra["calibration_cache"] == "calibration.cache"
 
 
@@ -431,20 +433,32 @@ def gpu_manifest(precision: str = "int8", target: str = "jetson", dla_core: int 
 
 
 def test_trtexec_lines_for_int8_on_jetson():
-    lines = trtexec.command_lines(gpu_manifest())
+    manifest = gpu_manifest(dla_core=0)
+    manifest["tensorrt"]["dla_batch"] = 2
+    lines = trtexec.command_lines(manifest)
     comments, commands = lines[0::2], lines[1::2]
     assert all(c.startswith("# ") for c in comments) and all(c.startswith("trtexec ") for c in commands)
-    assert "TensorRT 10.x" in comments[0] and "TensorRT 11" in comments[1] and "DLA" in comments[2]
+    assert "TensorRT 10.x" in comments[0] and "TensorRT 11" in comments[1] and "DLA core 0" in comments[2]
     assert "--onnx=models/int8_qdq.onnx --fp16 --int8" in commands[0]
     assert "--stronglyTyped --onnx=models/int8_qdq_fp16.onnx" in commands[1]
     assert ("--onnx=models/fp32.onnx --useDLACore=0 --allowGPUFallback --int8 --fp16 "
             "--calib=engines/calibration.cache") in commands[2]
-    for command in commands:
+    for command in commands[:2]:  # GPU engines: the dynamic batch profile
         assert "--minShapes=input:1x3x224x224 --optShapes=input:2x3x224x224 --maxShapes=input:8x3x224x224" in command
+    # DLA: static shapes at tensorrt.dla_batch, one engine named by it
+    assert "--minShapes=input:2x3x224x224 --optShapes=input:2x3x224x224 --maxShapes=input:2x3x224x224" in commands[2]
+    assert "--saveEngine=engines/trtexec-int8-dla0-b2.engine" in commands[2]
+    for command in commands:
         assert "--memPoolSize=workspace:2048M --timingCacheFile=engines/tensorrt-timing.cache" in command
         assert " --saveEngine=engines/" in command
     assert trtexec.files_named(lines) == ["models/int8_qdq.onnx", "models/int8_qdq_fp16.onnx", "models/fp32.onnx"]
     assert "engines/calibration.cache" in trtexec.files_named(lines, device_files=True)
+
+
+def test_no_dla_trtexec_line_without_a_dla_core():
+    """Orin Nano has no DLA: a Jetson bundle with dla_core -1 gets GPU lines only."""
+    lines = trtexec.command_lines(gpu_manifest(dla_core=-1))
+    assert len(lines) == 4 and not any("DLA" in line or "--useDLACore" in line for line in lines)
 
 
 def test_trtexec_lines_for_desktop_fp16_and_fp32():
@@ -565,6 +579,17 @@ def test_jetson_info_reads_a_jetson_tree(tmp_path):
     assert device_info.jetson_info(tmp_path / "elsewhere") is None
 
 
+def test_jetson_info_reads_the_jetpack_5_gpu_clock(tmp_path):
+    """JetPack 5 (L4T 35) names the Orin GPU's devfreq node after its chip: 17000000.ga10b."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref\n")
+    folder = tmp_path / "sys/devices/17000000.ga10b/devfreq/17000000.ga10b"
+    folder.mkdir(parents=True)
+    (folder / "cur_freq").write_text("624750000\n")
+    info = device_info.jetson_info(tmp_path)
+    assert info["l4t_release"] == "35.5.0" and info["clocks_mhz"] == {"gpu": 625}
+
+
 def test_parse_nvpmodel():
     assert device_info.parse_nvpmodel("NV Power Mode: MAXN\n0\n") == {"name": "MAXN", "id": 0}
     assert device_info.parse_nvpmodel("NVPM WARN: ...\nNV Power Mode: 15W\n2\n") == {"name": "15W", "id": 2}
@@ -616,6 +641,8 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision, max_abs):
     engine = tmp_path / "engines" / "model.engine"
     meta = build_engine(plan, opts, engine)
     assert meta.tensorrt_version == trt.__version__ and (tmp_path / "timing.cache").is_file()
+    # The engine inspector's read-back (detailed verbosity) on the real engine
+    assert meta.placement.get("detailed") and meta.placement["layers"] >= 1 and meta.placement["on_dla"] == 0
     x = np.random.default_rng(3).normal(0, 1, (5, 3, 32, 32)).astype(np.float32)
     expected = OnnxRuntimeRunner(onnx_path).run({"input": x})["logits"]
     with TensorRtRunner(engine) as runner:
@@ -630,3 +657,32 @@ def test_real_engine_matches_onnx_runtime(tmp_path, precision, max_abs):
     EngineMetadata(**{**stale.__dict__, "tensorrt_version": "0.0.1"}).save(metadata_path(engine))
     with pytest.raises(PipelineError, match="rebuild it with"):
         TensorRtRunner(engine)
+
+
+def dla_cores() -> int:
+    try:
+        import tensorrt as trt
+
+        return trt.Builder(trt.Logger(trt.Logger.WARNING)).num_DLA_cores
+    except Exception:  # noqa: BLE001 (no TensorRT, no GPU)
+        return 0
+
+
+@real_tensorrt
+@pytest.mark.skipif(dla_cores() < 1, reason="no TensorRT with a DLA core here (DLA: Jetson AGX Orin / Orin NX only)")
+def test_real_dla_engine_has_static_shapes_and_says_where_it_ran(tmp_path):
+    import tensorrt as trt
+
+    from targets.tensorrt import placement
+    from targets.tensorrt.runner import TensorRtRunner
+
+    onnx_path = tiny_onnx(tmp_path / "fp32.onnx")
+    opts = options(precision="fp16", dla_core=0, dla_batch=2)
+    plan = plan_build(detect_features(trt), opts, {"fp32": onnx_path, "fp16": onnx_path})
+    meta = build_engine(plan, opts, tmp_path / "model.engine")
+    assert meta.static_shapes and meta.input_shapes["min"] == meta.input_shapes["max"] == [2, 3, 32, 32]
+    assert meta.placement["detailed"] and meta.placement["on_dla"] >= 1, placement.summary(meta.placement, 0)
+    with TensorRtRunner(tmp_path / "model.engine") as runner:
+        assert runner.run({"input": np.zeros((2, 3, 32, 32), np.float32)})["logits"].shape == (2, 10)
+        with pytest.raises(PipelineError, match="takes batch 2 only"):
+            runner.run({"input": np.zeros((1, 3, 32, 32), np.float32)})

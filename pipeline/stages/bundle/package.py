@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifact import MANIFEST
 from pipeline.errors import PipelineError
+from targets.tensorrt.device_info import CUDA_PYTHON_CUDA13, CUDA_PYTHON_JETPACK6
 
 TRTEXEC = "trtexec.txt"
 WHEEL_DIR = "wheel"
@@ -54,7 +55,8 @@ def project_source_digest() -> str:
 def tensorrt_options(config) -> dict:
     trt = config.tensorrt
     return {"min_batch": trt.min_batch, "opt_batch": trt.opt_batch, "max_batch": trt.max_batch,
-            "workspace_mib": trt.workspace_mib, "dla_core": trt.dla_core, "timing_cache": trt.timing_cache}
+            "workspace_mib": trt.workspace_mib, "dla_core": trt.dla_core, "dla_batch": trt.dla_batch,
+            "min_dla_layers": trt.min_dla_layers, "timing_cache": trt.timing_cache}
 
 
 def trtexec_lines(manifest: dict) -> tuple[list[str], str]:
@@ -155,7 +157,8 @@ def readme(manifest: dict) -> str:
             "python3 -m venv --system-site-packages ~/edge-venv   # JetPack's TensorRT bindings stay visible",
             ". ~/edge-venv/bin/activate",
             f"{install}",
-            "pip install 'cuda-python>=12.6,<13'     # JetPack 6 (CUDA 12.6, Python 3.10); CUDA 13: cuda-python 13.x",
+            f"pip install '{CUDA_PYTHON_JETPACK6}'   # JetPack 6 (CUDA 12.6, Python 3.10); CUDA 13: '{CUDA_PYTHON_CUDA13}'",
+            "python -m pipeline device-check .        # preflight: TensorRT, CUDA, cuda-python, NumPy, DLA, disk",
             "python -m pipeline device-build .        # builds the engine, checks the golden data, times it",
             "```",
             "",
