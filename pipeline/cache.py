@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.artifact import sha256_file  # noqa: F401  (one SHA-256 for stage files and bundles)
+from pipeline.artifact import sha256_file
 
 MARKER = "stage.json"
 
@@ -60,7 +61,7 @@ class StageRecord:
         return self.folder / name
 
     @classmethod
-    def read(cls, folder: Path) -> "StageRecord":
+    def read(cls, folder: Path) -> StageRecord:
         """The record of a finished stage folder (its stage.json), for code that reads a build."""
         return cls(folder, json.loads((folder / MARKER).read_text()))
 
@@ -125,7 +126,10 @@ class ArtifactCache:
         return StageRecord(folder, data)
 
     def sweep_leftovers(self) -> None:
-        """Remove temporary folders of builds that were killed."""
+        """Remove temporary folders of builds that were killed.
+
+        Called under the build folder's lock (`pipeline.lock`): every writer of this folder holds it, so any
+        temporary folder found here belongs to a process that is gone, never to one still writing."""
         if self.root.exists():
             for path in self.root.glob(".*.tmp"):
                 shutil.rmtree(path, ignore_errors=True)

@@ -19,7 +19,7 @@ DEVICE = ("pipeline.artifact", "pipeline.integrity", "pipeline.golden", "pipelin
           "pipeline.runtime", "pipeline.drift", "pipeline.errors", "targets", "targets.runner", "targets.timing",
           "targets.onnxruntime", "targets.openvino", "targets.tensorrt")
 # The host side: building, measuring and reporting, which a device never needs.
-HOST = ("pipeline.build", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",
+HOST = ("pipeline.build", "pipeline.lock", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",
         "pipeline.measure", "pipeline.report", "pipeline.models", "pipeline.weights", "calibration",
         "targets.pytorch", "targets.nncf_quantizer")
 

@@ -41,6 +41,7 @@ REPORT_FORMAT = "inception-edge-report/1"
 
 def command(args) -> int:
     """`python -m pipeline report BUILD_DIR`: report every finished build under BUILD_DIR."""
+    from pipeline.lock import folder_lock
     from pipeline.progress import Reporter
 
     if args.latency_seconds < 0:
@@ -48,8 +49,9 @@ def command(args) -> int:
     roots = find_builds(Path(args.build_dir), args.model, args.target)
     reporter = Reporter()
     for root in roots:
-        written = write_report(root, latency_seconds=args.latency_seconds, reporter=reporter,
-                               compare_calibration=args.compare_calibration)
+        with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # not while a build rewrites it
+            written = write_report(root, latency_seconds=args.latency_seconds, reporter=reporter,
+                                   compare_calibration=args.compare_calibration)
         reporter.say(f"{root}: report written to {written}")
     return 0
 
