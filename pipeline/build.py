@@ -13,16 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.cache import ArtifactCache, StageRecord, sha256_file, stable_hash, write_json_atomic
+from pipeline.cache import (
+    ArtifactCache,
+    StageRecord,
+    sha256_file,
+    stable_hash,
+    write_json_atomic,
+)
 from pipeline.config import Config
 from pipeline.context import BuildContext
-from pipeline.layout import LABELS, MANIFEST, check_folder
 from pipeline.drift import DriftResult
 from pipeline.errors import DriftError, PipelineError
+from pipeline.interrupts import at_stage
+from pipeline.layout import LABELS, LOGITS_FILE, MANIFEST, check_folder
 from pipeline.measure.machine import cpu_name
 from pipeline.plan import BuildPlan
 from pipeline.progress import Reporter
-from pipeline.layout import LOGITS_FILE
 from pipeline.stages import Stage
 
 
@@ -78,8 +84,16 @@ class Builder:
         self.root = self.plan.root
         self.cache = ArtifactCache(self.root)
         self._precision_ran: dict[str, str] = {}
+        self._current: str | None = None  # the stage being built or checked, for "interrupted in ..."
 
     def run(self) -> dict:
+        """Build every stage; an interruption is re-raised naming the stage it stopped."""
+        try:
+            return self._run()
+        except KeyboardInterrupt as error:
+            raise at_stage(error, self._current) from None
+
+    def _run(self) -> dict:
         self._prepare_root()
         self.cache.sweep_leftovers()
         records: dict[str, StageRecord] = {}
@@ -87,6 +101,7 @@ class Builder:
         built: list[str] = []
         started = time.perf_counter()
         for stage in self.stages:
+            self._current = stage.name
             try:
                 records[stage.name], was_built = self._stage(stage, records)
             except DriftError:  # the INT8 gate could not meet its budget: say so in the manifest too
@@ -108,7 +123,9 @@ class Builder:
                     write_json_atomic(self.root / MANIFEST, manifest)
                     raise DriftError(f"{self.ctx.model_name}: stage '{stage.name}' is over its drift budget: {'; '.join(result.failures)}")
         manifest = self._manifest(records, drift, built, time.perf_counter() - started)
+        self._current = "manifest"
         if self.plan.gpu and "bundle" in records:
+            self._current = "tensorrt"
             manifest.update(self._engine(records["bundle"]))
         write_json_atomic(self.root / MANIFEST, manifest)
         if manifest.get("tensorrt", {}).get("passed") is False:
@@ -119,8 +136,8 @@ class Builder:
     def _write_archive(self, bundle: StageRecord) -> None:
         """bundle.tar.gz beside the bundle folder, rewritten only when the bundle is newer than it."""
         from pipeline.artifact import BUNDLE_ARCHIVE
-        from pipeline.stages.bundle.package import write_archive
         from pipeline.cache import MARKER
+        from pipeline.stages.bundle.package import write_archive
 
         archive = self.root / BUNDLE_ARCHIVE
         if archive.is_file() and archive.stat().st_mtime_ns >= bundle.path(MARKER).stat().st_mtime_ns:

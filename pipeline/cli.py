@@ -312,12 +312,16 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.interrupts import at_stage, signals_raise
+
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        with signals_raise():  # SIGTERM unwinds like Ctrl-C: temporary folders removed, lock released
+            return _COMMANDS[args.command](args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept, the unfinished one will be rebuilt", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # finished stages are kept; the interrupted one is rebuilt next time
+        interrupted = at_stage(error, None)
+        print(interrupted.message(), file=sys.stderr)
+        return interrupted.exit_code
