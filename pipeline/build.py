@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
+from pipeline import skipped as skipped_images
 from pipeline.cache import (
     ArtifactCache,
     StageRecord,
@@ -174,6 +175,8 @@ class Builder:
             with self.cache.building(stage.name) as folder:
                 info = stage.produce(self.ctx, records, folder)
                 seconds = round(time.perf_counter() - started, 2)
+                if skipped_images.decoded_by(self.ctx, stage):
+                    info["skipped_images"] = skipped_images.decoded_by(self.ctx, stage)
                 info = {
                     "description": stage.description,
                     "artifact": stage.artifact,
@@ -265,6 +268,7 @@ class Builder:
             "preprocessing": ctx.preprocessing.as_dict(),
             "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop},
             "labels": LABELS,
+            "skipped_images": skipped_images.summary(ctx, records),
             "evaluation_images": len(np.load(records["reference"].path(LOGITS_FILE))) if "reference" in records else 0,
             "seed": self.config.data.seed,
             "host": {"python": platform.python_version(), "machine": platform.machine(), "processor": cpu_name()},
@@ -290,5 +294,6 @@ class Builder:
 
 
 # Fields of a stage.json that the manifest lists under their own names; the rest are the stage's facts.
-_RECORD_FIELDS = {"stage", "key", "files", "tools", "params", "inputs", "built_at", "seconds", "description", "artifact"}
+_RECORD_FIELDS = {"stage", "key", "files", "tools", "params", "inputs", "built_at", "seconds", "description", "artifact",
+                  "skipped_images"}
 

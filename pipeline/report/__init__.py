@@ -111,6 +111,7 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
         "deployed": manifest.get("deployed", {}),
         "preprocessing": manifest.get("preprocessing", {}),
         "host": manifest.get("host", {}),
+        "skipped_images": manifest.get("skipped_images") or {"count": 0, "by_reason": {}, "files": []},
         "missing": [],  # optional inputs the report could not use, each with how to get it
     }
     missing = report["missing"]
@@ -130,6 +131,8 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
     sections.append(make.flips_section(report["flips"], build, images))
     report["benchmark"] = collect.benchmark(build, missing)
     sections.append(make.benchmark_section(report["benchmark"]))
+    if report["skipped_images"]["count"]:
+        sections.append(make.skipped_section(report["skipped_images"]))
     if missing:
         sections.append({"title": "Missing inputs", "blocks": [("list", missing)]})
     return report, sections, images
