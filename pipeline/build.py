@@ -8,11 +8,13 @@ import inspect
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, diskspace
 from pipeline import skipped as skipped_images
 from pipeline.cache import (
     ArtifactCache,
@@ -93,6 +95,10 @@ class Builder:
             return self._run()
         except KeyboardInterrupt as error:
             raise at_stage(error, self._current) from None
+        except OSError as error:  # the manifest, labels.txt or bundle.tar.gz on a full disk
+            if error.errno not in diskspace.FULL:
+                raise
+            raise diskspace.out_of_space(error.errno, self.root, self._current or "setup", 0, None) from None
 
     def _run(self) -> dict:
         self._prepare_root()
@@ -171,25 +177,37 @@ class Builder:
         else:
             reason = "--force"
         started = time.perf_counter()
-        with self.reporter.stage_running(stage, reason):
-            with self.cache.building(stage.name) as folder:
-                info = stage.produce(self.ctx, records, folder)
-                seconds = round(time.perf_counter() - started, 2)
-                if skipped_images.decoded_by(self.ctx, stage):
-                    info["skipped_images"] = skipped_images.decoded_by(self.ctx, stage)
-                info = {
-                    "description": stage.description,
-                    "artifact": stage.artifact,
-                    "inputs": {name: records[name].key for name in stage.inputs},
-                    "params": stage.params,
-                    "tools": {tool: tool_version(tool) for tool in stage.tools},
-                    "seconds": seconds,
-                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    **info,
-                }
-                record = self.cache.commit(stage.name, key, folder, info)
+        with self.reporter.stage_running(stage, reason), self.cache.building(stage.name) as folder, \
+                self._space_guard(stage.name, folder):
+            info = stage.produce(self.ctx, records, folder)
+            seconds = round(time.perf_counter() - started, 2)
+            if skipped_images.decoded_by(self.ctx, stage):
+                info["skipped_images"] = skipped_images.decoded_by(self.ctx, stage)
+            info = {
+                "description": stage.description,
+                "artifact": stage.artifact,
+                "inputs": {name: records[name].key for name in stage.inputs},
+                "params": stage.params,
+                "tools": {tool: tool_version(tool) for tool in stage.tools},
+                "seconds": seconds,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **info,
+            }
+            record = self.cache.commit(stage.name, key, folder, info)
         self.reporter.stage_built(stage, seconds)
         return record, True
+
+    @contextmanager
+    def _space_guard(self, name: str, folder: Path) -> Iterator[None]:
+        """A full disk or file-size limit while `name` writes `folder`: one line saying how much it needs."""
+        try:
+            yield
+        except Exception as error:
+            code = diskspace.cause(error, folder)
+            if code is None:
+                raise
+            previous = self.cache.lookup_size(name)
+            raise diskspace.out_of_space(code, self.root, name, diskspace.folder_bytes(folder), previous) from None
 
     def _check(self, stage: Stage, records: dict[str, StageRecord]) -> DriftResult:
         """Run the artifact on the evaluation images (cached like a stage) and compare with torch."""
@@ -210,7 +228,7 @@ class Builder:
         if lookup is not None and lookup.record is not None:
             checked = lookup.record
         else:
-            with self.cache.building(check_name) as folder:
+            with self.cache.building(check_name) as folder, self._space_guard(check_name, folder):
                 runner = stage.runner(self.ctx, record)
                 np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
                 ran = getattr(runner, "execution_precision", "fp32")

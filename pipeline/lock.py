@@ -43,7 +43,10 @@ def folder_lock(root: Path, wait: bool = True, say: Callable[[str], None] = prin
                             "choose another with --build-dir") from None
     try:
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(holder_file(root), mine)
+        try:
+            write_json_atomic(holder_file(root), mine)
+        except OSError:  # a full disk: the lock holds all the same, only waiters cannot say by whom
+            pass
         yield
     finally:
         holder_file(root).unlink(missing_ok=True)
