@@ -143,7 +143,8 @@ class ArtifactCache:
         Called under the build folder's lock (`pipeline.lock`): every writer of this folder holds it, so any
         temporary folder found here belongs to a process that is gone, never to one still writing."""
         if self.root.exists():
-            for path in self.root.glob(".*.tmp"):
-                shutil.rmtree(path, ignore_errors=True)
-            for path in self.root.glob(".*.old"):
-                shutil.rmtree(path, ignore_errors=True)
+            for path in [*self.root.glob(".*.tmp"), *self.root.glob(".*.old")]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # a temporary file of write_json_atomic (manifest.json)
+                    path.unlink(missing_ok=True)
