@@ -181,8 +181,8 @@ class Builder:
                 self._space_guard(stage.name, folder):
             info = stage.produce(self.ctx, records, folder)
             seconds = round(time.perf_counter() - started, 2)
-            if skipped_images.decoded_by(self.ctx, stage):
-                info["skipped_images"] = skipped_images.decoded_by(self.ctx, stage)
+            if skipped := skipped_images.decoded_by(self.ctx, stage):  # kept with the stage: see pipeline/skipped.py
+                info["skipped_images"] = skipped
             info = {
                 "description": stage.description,
                 "artifact": stage.artifact,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from calibration import METHODS as CALIBRATION_METHODS
 from pipeline.errors import PipelineError
-from pipeline.lock import folder_lock
 from pipeline.plan import build_root
 from pipeline.runtime.backends import BACKENDS
 from targets import TARGETS
@@ -195,6 +194,7 @@ def _build(args) -> int:
     import os
 
     from pipeline.build import Builder
+    from pipeline.lock import folder_lock
     from pipeline.progress import Reporter
 
     config, names = _config(args)
@@ -248,6 +248,8 @@ def _stages(args) -> int:
 
 
 def _clean(args) -> int:
+    from pipeline.lock import folder_lock
+
     config, names = _config(args)
     for name in names:
         root = build_root(config.build_dir, name, config.target)
