@@ -44,10 +44,11 @@ class ImageRecord:
 
 
 class Skipped(NamedTuple):
-    """A file (or val.txt line) left out, and why."""
+    """A file (or val.txt line) left out, and why; `kind` is the short reason counted in the manifest."""
 
     path: Path
     reason: str
+    kind: str = "other"
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -101,10 +102,14 @@ class ImageNetData:
         return [s.wnid for s in self.synsets]
 
     @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        """What both scans skipped."""
+        return tuple(problem for scan in (self.calibration, self.evaluation) if scan is not None for problem in scan.problems)
+
+    @property
     def problems(self) -> tuple[str, ...]:
         """What both scans skipped, one line each ("<path>: <reason>")."""
-        scans = (self.calibration, self.evaluation)
-        return tuple(str(problem) for scan in scans if scan is not None for problem in scan.problems)
+        return tuple(str(problem) for problem in self.skipped)
 
 
 def read_synsets(path: str | os.PathLike) -> list[Synset]:
@@ -139,15 +144,15 @@ def read_train_layout(root: str | os.PathLike, wnids: Sequence[str]) -> DatasetS
     problems: list[Skipped] = []
     for entry in _sorted_entries(root):
         if not entry.is_dir():
-            problems.append(Skipped(entry, "not inside a class folder, skipped"))
+            problems.append(Skipped(entry, "not inside a class folder, skipped", "not in a class folder"))
         elif entry.name not in index:
-            problems.append(Skipped(entry, "folder name is not a wnid of the class list, skipped"))
+            problems.append(Skipped(entry, "folder name is not a wnid of the class list, skipped", "unknown class folder"))
         else:
             for file in _sorted_entries(entry):
                 if _is_image_file(file):
                     records.append(ImageRecord(file, index[entry.name]))
                 else:
-                    problems.append(Skipped(file, _not_an_image_reason(file)))
+                    problems.append(Skipped(file, _not_an_image_reason(file), "not an image file"))
     return _checked_scan(root, "train", records, problems, _TRAIN_EXPECTED)
 
 
@@ -165,18 +170,18 @@ def read_val_layout(
     for number, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             mentioned.add(line.strip().rsplit(maxsplit=1)[0])
-            record, problem = _parse_val_line(line, root, num_classes, records)
+            record, problem, kind = _parse_val_line(line, root, num_classes, records)
             if problem:
-                problems.append(Skipped(labels_path, f"line {number}: {problem}, skipped"))
+                problems.append(Skipped(labels_path, f"line {number}: {problem}, skipped", kind))
             else:
                 records[record.path.name] = record
     for file in _sorted_entries(root):
         if file.name == labels_file or file.name in mentioned:
             continue
         if _is_image_file(file):
-            problems.append(Skipped(file, f"not listed in {labels_file} (no label), skipped"))
+            problems.append(Skipped(file, f"not listed in {labels_file} (no label), skipped", f"missing from {labels_file}"))
         else:
-            problems.append(Skipped(file, _not_an_image_reason(file)))
+            problems.append(Skipped(file, _not_an_image_reason(file), "not an image file"))
     ordered = sorted(records.values(), key=lambda r: r.path)
     return _checked_scan(root, "val", ordered, problems, _VAL_EXPECTED)
 
@@ -194,7 +199,7 @@ def read_unlabelled_folder(root: str | os.PathLike) -> DatasetScan:
             if _is_image_file(file):
                 records.append(ImageRecord(file, None))
             else:
-                problems.append(Skipped(file, _not_an_image_reason(file)))
+                problems.append(Skipped(file, _not_an_image_reason(file), "not an image file"))
     records.sort(key=lambda r: r.path)
     return _checked_scan(root, "unlabelled", records, problems, expected)
 
@@ -263,22 +268,22 @@ def open_imagenet(root: str | os.PathLike) -> ImageNetData:
 
 def _parse_val_line(
     line: str, root: Path, num_classes: int, seen: dict[str, ImageRecord]
-) -> tuple[ImageRecord | None, str | None]:
-    """One `val.txt` line -> (record, None), or (None, what is wrong with it)."""
+) -> tuple[ImageRecord | None, str | None, str]:
+    """One `val.txt` line -> (record, None, ""), or (None, what is wrong with it, its kind)."""
     # rsplit: a file name may contain spaces, the class index never does.
     fields = line.strip().rsplit(maxsplit=1)
     if len(fields) != 2 or not re.fullmatch(r"-?\d+", fields[1]):
-        return None, f"expected '<file name> <class index>', got {line.strip()!r}"
+        return None, f"expected '<file name> <class index>', got {line.strip()!r}", "bad val.txt line"
     name, label = fields[0], int(fields[1])
     if Path(name).name != name or name in (".", ".."):
-        return None, f"{name!r} is not a plain file name in {root}"
+        return None, f"{name!r} is not a plain file name in {root}", "bad val.txt line"
     if not 0 <= label < num_classes:
-        return None, f"class index {label} is outside 0..{num_classes - 1}"
+        return None, f"class index {label} is outside 0..{num_classes - 1}", "label out of range"
     if name in seen:
-        return None, f"{name} is listed more than once (the first line wins)"
+        return None, f"{name} is listed more than once (the first line wins)", "listed twice in val.txt"
     if not (root / name).is_file():
-        return None, f"{name} does not exist in {root}"
-    return ImageRecord(root / name, label), None
+        return None, f"{name} does not exist in {root}", "listed but missing"
+    return ImageRecord(root / name, label), None, ""
 
 
 def _existing_folder(root: str | os.PathLike, expected: str) -> Path:

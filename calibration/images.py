@@ -76,7 +76,7 @@ def iter_batches(
             image = open_rgb(record.path)
         except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             image = None
-            skipped.append(Skipped(record.path, _one_line(error)))
+            skipped.append(Skipped(record.path, _one_line(error), _decode_kind(error)))
         if progress is not None:
             progress(done, len(records))
         if image is None:
@@ -161,6 +161,12 @@ def _batch(crops, kept, skipped, preprocessing: Preprocessing) -> LoadedImages:
 
 def _empty_crops(preprocessing: Preprocessing) -> np.ndarray:
     return np.zeros((0, preprocessing.crop, preprocessing.crop, 3), np.uint8)
+
+
+def _decode_kind(error: Exception) -> str:
+    """'truncated' when PIL read a valid start and ran out of data, else 'unreadable'."""
+    text = str(error).lower()
+    return "truncated" if "truncated" in text or "broken data stream" in text else "unreadable"
 
 
 def _one_line(error: Exception) -> str:

@@ -25,16 +25,18 @@ Layout (paths relative to the bundle folder; the manifest is written last, as th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.integrity import check_bundle_files, sha256_file  # noqa: F401  (sha256_file: one SHA-256 for stage files and bundles)
 
 BUNDLE_FORMAT = "inception-edge-bundle/1"
 MANIFEST = "manifest.json"
@@ -45,14 +47,6 @@ GOLDEN_LABELS = "golden/labels.npy"
 GOLDEN_REFERENCE = "golden/reference_logits.npy"
 GOLDEN_INTERMEDIATES = "golden/intermediates.npz"
 ENGINES_DIR = "engines"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -72,14 +66,15 @@ class Bundle:
       expected {precision: {top1, top5, agreement, images, source, host_proxy}} measured on the host,
       tolerance {precision: {max_abs}}: ONNX Runtime on the host reproduces the golden logits within it,
       tensorrt {min_batch, opt_batch, max_batch, workspace_mib, dla_core, timing_cache} (GPU targets),
-      trtexec [command lines], wheel (file name or null), host {...}, files {relative path: sha256}.
+      trtexec [command lines], wheel (file name or null), host {...}, files {relative path: sha256},
+      sizes {relative path: bytes} (checked on every open; see `pipeline.integrity`).
     """
 
     root: Path
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check_hashes: bool = True) -> "Bundle":
+    def open(cls, path: str | os.PathLike, check_hashes: bool = True) -> Bundle:
         """Open a bundle folder, a build folder holding `bundle/`, or a `bundle.tar.gz` (extracted beside it)."""
         path = Path(path)
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
@@ -104,13 +99,8 @@ class Bundle:
         return bundle
 
     def check_files(self, hashes: bool = True) -> None:
-        """Every file the manifest lists exists (and has its recorded sha256): a clear error otherwise."""
-        for relative, expected in self.manifest.get("files", {}).items():
-            file = self.root / relative
-            if not file.is_file():
-                raise PipelineError(f"{file}: missing from the bundle: copy the whole bundle (or its .tar.gz) again")
-            if hashes and sha256_file(file) != expected:
-                raise PipelineError(f"{file}: damaged (sha256 differs from the bundle manifest): copy the bundle again")
+        """Every file the manifest lists exists with its size (and sha256): a clear error otherwise."""
+        check_bundle_files(self.root, self.manifest, hashes=hashes)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -152,25 +142,49 @@ class Bundle:
 
 
 def extract_archive(archive: Path) -> Path:
-    """Extract `bundle.tar.gz` next to itself (once) and return the bundle folder."""
+    """Extract `bundle.tar.gz` next to itself (once) and return the bundle folder.
+
+    Only plain files and folders inside the target are accepted (a bundle has nothing else): an absolute
+    path, a `..`, a link or a device file is refused before anything is written. Extraction goes to a
+    temporary folder that is renamed into place, so a corrupt archive leaves nothing behind.
+    """
     target = archive.parent / archive.name.replace(".tar.gz", "").replace(".tgz", "")
     if (target / MANIFEST).is_file():
         return target
+    if target.exists():
+        raise PipelineError(f"{target}: exists but is not a bundle ({MANIFEST} missing): remove it, then open {archive} again")
     partial = target.with_name(f".{target.name}.extracting")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an extraction that was killed
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
-            for member in members:  # refuse absolute paths and '..' (a bundle never has them)
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise PipelineError(f"{archive}: unsafe path {member.name!r} in the archive")
-            tar.extractall(partial)
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise PipelineError(f"{archive}: cannot extract the bundle ({error}): copy it again") from None
-    inner = [p for p in partial.iterdir()]
-    source = inner[0] if len(inner) == 1 and inner[0].is_dir() else partial
-    os.replace(source, target)
-    if partial.exists():
-        import shutil
-
+            for member in members:
+                _check_member(archive, member)
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: the standard library's own guard too
+                tar.extractall(partial, filter="data")
+            else:
+                tar.extractall(partial)
+        inner = list(partial.iterdir())
+        source = inner[0] if len(inner) == 1 and inner[0].is_dir() else partial
+        if not (source / MANIFEST).is_file():
+            raise PipelineError(f"{archive}: not a bundle archive (no {MANIFEST} inside): copy bundle.tar.gz again")
+        os.replace(source, target)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise PipelineError(f"{archive}: corrupt or unreadable bundle archive ({_one_line(error)}): copy it again") from None
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    parts = Path(member.name).parts
+    if member.name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise PipelineError(f"{archive}: refused: {member.name!r} would be written outside the bundle folder "
+                            "(a bundle never has such paths): do not open this archive")
+    if not (member.isfile() or member.isdir()):
+        raise PipelineError(f"{archive}: refused: {member.name!r} is a link or special file "
+                            "(a bundle holds plain files only): do not open this archive")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -8,21 +8,30 @@ import inspect
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.cache import ArtifactCache, StageRecord, sha256_file, stable_hash, write_json_atomic
+from pipeline import __version__, diskspace
+from pipeline import skipped as skipped_images
+from pipeline.cache import (
+    ArtifactCache,
+    StageRecord,
+    sha256_file,
+    stable_hash,
+    write_json_atomic,
+)
 from pipeline.config import Config
 from pipeline.context import BuildContext
-from pipeline.layout import LABELS, MANIFEST, check_folder
 from pipeline.drift import DriftResult
 from pipeline.errors import DriftError, PipelineError
+from pipeline.interrupts import at_stage
+from pipeline.layout import LABELS, LOGITS_FILE, MANIFEST, check_folder
 from pipeline.measure.machine import cpu_name
 from pipeline.plan import BuildPlan
 from pipeline.progress import Reporter
-from pipeline.layout import LOGITS_FILE
 from pipeline.stages import Stage
 
 
@@ -80,8 +89,20 @@ class Builder:
         self.root = self.plan.root
         self.cache = ArtifactCache(self.root)
         self._precision_ran: dict[str, str] = {}
+        self._current: str | None = None  # the stage being built or checked, for "interrupted in ..."
 
     def run(self) -> dict:
+        """Build every stage; an interruption is re-raised naming the stage it stopped."""
+        try:
+            return self._run()
+        except KeyboardInterrupt as error:
+            raise at_stage(error, self._current) from None
+        except OSError as error:  # the manifest, labels.txt or bundle.tar.gz on a full disk
+            if error.errno not in diskspace.FULL:
+                raise
+            raise diskspace.out_of_space(error.errno, self.root, self._current or "setup", 0, None) from None
+
+    def _run(self) -> dict:
         self._prepare_root()
         self.cache.sweep_leftovers()
         records: dict[str, StageRecord] = {}
@@ -89,6 +110,7 @@ class Builder:
         built: list[str] = []
         started = time.perf_counter()
         for stage in self.stages:
+            self._current = stage.name
             try:
                 records[stage.name], was_built = self._stage(stage, records)
             except DriftError:  # the INT8 gate could not meet its budget: say so in the manifest too
@@ -110,7 +132,9 @@ class Builder:
                     write_json_atomic(self.root / MANIFEST, manifest)
                     raise DriftError(f"{self.ctx.model_name}: stage '{stage.name}' is over its drift budget: {'; '.join(result.failures)}")
         manifest = self._manifest(records, drift, built, time.perf_counter() - started)
+        self._current = "manifest"
         if self.plan.gpu and "bundle" in records:
+            self._current = "tensorrt"
             manifest.update(self._engine(records["bundle"]))
         write_json_atomic(self.root / MANIFEST, manifest)
         if manifest.get("tensorrt", {}).get("passed") is False:
@@ -121,8 +145,8 @@ class Builder:
     def _write_archive(self, bundle: StageRecord) -> None:
         """bundle.tar.gz beside the bundle folder, rewritten only when the bundle is newer than it."""
         from pipeline.artifact import BUNDLE_ARCHIVE
-        from pipeline.stages.bundle.package import write_archive
         from pipeline.cache import MARKER
+        from pipeline.stages.bundle.package import write_archive
 
         archive = self.root / BUNDLE_ARCHIVE
         if archive.is_file() and archive.stat().st_mtime_ns >= bundle.path(MARKER).stat().st_mtime_ns:
@@ -155,23 +179,37 @@ class Builder:
         else:
             reason = "--force"
         started = time.perf_counter()
-        with self.reporter.stage_running(stage, reason):
-            with self.cache.building(stage.name) as folder:
-                info = stage.produce(self.ctx, records, folder)
-                seconds = round(time.perf_counter() - started, 2)
-                info = {
-                    "description": stage.description,
-                    "artifact": stage.artifact,
-                    "inputs": {name: records[name].key for name in stage.inputs},
-                    "params": stage.params,
-                    "tools": {tool: tool_version(tool) for tool in stage.tools},
-                    "seconds": seconds,
-                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    **info,
-                }
-                record = self.cache.commit(stage.name, key, folder, info)
+        with self.reporter.stage_running(stage, reason), self.cache.building(stage.name) as folder, \
+                self._space_guard(stage.name, folder):
+            info = stage.produce(self.ctx, records, folder)
+            seconds = round(time.perf_counter() - started, 2)
+            if skipped := skipped_images.decoded_by(self.ctx, stage):  # kept with the stage: see pipeline/skipped.py
+                info["skipped_images"] = skipped
+            info = {
+                "description": stage.description,
+                "artifact": stage.artifact,
+                "inputs": {name: records[name].key for name in stage.inputs},
+                "params": stage.params,
+                "tools": {tool: tool_version(tool) for tool in stage.tools},
+                "seconds": seconds,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **info,
+            }
+            record = self.cache.commit(stage.name, key, folder, info)
         self.reporter.stage_built(stage, seconds)
         return record, True
+
+    @contextmanager
+    def _space_guard(self, name: str, folder: Path) -> Iterator[None]:
+        """A full disk or file-size limit while `name` writes `folder`: one line saying how much it needs."""
+        try:
+            yield
+        except Exception as error:
+            code = diskspace.cause(error, folder)
+            if code is None:
+                raise
+            previous = self.cache.lookup_size(name)
+            raise diskspace.out_of_space(code, self.root, name, diskspace.folder_bytes(folder), previous) from None
 
     def _check(self, stage: Stage, records: dict[str, StageRecord]) -> DriftResult:
         """Run the artifact on the evaluation images (cached like a stage) and compare with torch."""
@@ -192,7 +230,7 @@ class Builder:
         if lookup is not None and lookup.record is not None:
             checked = lookup.record
         else:
-            with self.cache.building(check_name) as folder:
+            with self.cache.building(check_name) as folder, self._space_guard(check_name, folder):
                 runner = stage.runner(self.ctx, record)
                 np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
                 ran = getattr(runner, "execution_precision", "fp32")
@@ -250,6 +288,7 @@ class Builder:
             "preprocessing": ctx.preprocessing.as_dict(),
             "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop},
             "labels": LABELS,
+            "skipped_images": skipped_images.summary(ctx, records),
             "evaluation_images": len(np.load(records["reference"].path(LOGITS_FILE))) if "reference" in records else 0,
             "seed": self.config.data.seed,
             "host": {"python": platform.python_version(), "machine": platform.machine(), "processor": cpu_name()},
@@ -275,5 +314,6 @@ class Builder:
 
 
 # Fields of a stage.json that the manifest lists under their own names; the rest are the stage's facts.
-_RECORD_FIELDS = {"stage", "key", "files", "tools", "params", "inputs", "built_at", "seconds", "description", "artifact"}
+_RECORD_FIELDS = {"stage", "key", "files", "tools", "params", "inputs", "built_at", "seconds", "description", "artifact",
+                  "skipped_images"}
 

@@ -1,9 +1,9 @@
 """The artifact cache: one folder per stage, complete only when its `stage.json` exists.
 
 A stage writes into a temporary sibling folder, which is renamed into place; `stage.json` (the cache
-key and the size and SHA-256 of every file) is written last, so a build killed at any moment leaves
-either a complete stage or one that is rebuilt. A lookup re-hashes the files, so a truncated or
-tampered artifact is detected and rebuilt.
+key and the size and SHA-256 of every file) is written into it last, before the rename, so a build
+killed at any moment leaves either a complete stage or one that is rebuilt. A lookup re-hashes the
+files, so a truncated or tampered artifact is detected and rebuilt.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.artifact import sha256_file  # noqa: F401  (one SHA-256 for stage files and bundles)
+from pipeline.artifact import sha256_file
 
 MARKER = "stage.json"
 
@@ -60,7 +61,7 @@ class StageRecord:
         return self.folder / name
 
     @classmethod
-    def read(cls, folder: Path) -> "StageRecord":
+    def read(cls, folder: Path) -> StageRecord:
         """The record of a finished stage folder (its stage.json), for code that reads a build."""
         return cls(folder, json.loads((folder / MARKER).read_text()))
 
@@ -107,12 +108,18 @@ class ArtifactCache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def commit(self, stage: str, key: str, tmp: Path, info: dict) -> StageRecord:
-        """Move a finished temporary folder into place, then write its completion marker."""
+        """Complete a finished temporary folder with its marker, then swap it into place.
+
+        The marker is written inside the temporary folder, so a failure while writing it (a full disk)
+        leaves the stage's previous folder untouched; after that only renames follow, which need no space.
+        """
         files = {
             str(path.relative_to(tmp)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
             for path in sorted(tmp.rglob("*"))
             if path.is_file()
         }
+        data = {"stage": stage, "key": key, "files": files, **info}
+        write_json_atomic(tmp / MARKER, data)
         folder = self.root / stage
         if folder.exists():
             # Move the old folder aside first so the rename below never meets a non-empty target.
@@ -120,14 +127,24 @@ class ArtifactCache:
             os.replace(folder, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, folder)
-        data = {"stage": stage, "key": key, "files": files, **info}
-        write_json_atomic(folder / MARKER, data)
         return StageRecord(folder, data)
 
+    def lookup_size(self, stage: str) -> int | None:
+        """Bytes of the stage's last complete folder (from its marker), None if there is none."""
+        try:
+            files = json.loads((self.root / stage / MARKER).read_text())["files"]
+            return sum(entry["size"] for entry in files.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
     def sweep_leftovers(self) -> None:
-        """Remove temporary folders of builds that were killed."""
+        """Remove temporary folders of builds that were killed.
+
+        Called under the build folder's lock (`pipeline.lock`): every writer of this folder holds it, so any
+        temporary folder found here belongs to a process that is gone, never to one still writing."""
         if self.root.exists():
-            for path in self.root.glob(".*.tmp"):
-                shutil.rmtree(path, ignore_errors=True)
-            for path in self.root.glob(".*.old"):
-                shutil.rmtree(path, ignore_errors=True)
+            for path in [*self.root.glob(".*.tmp"), *self.root.glob(".*.old")]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # a temporary file of write_json_atomic (manifest.json)
+                    path.unlink(missing_ok=True)

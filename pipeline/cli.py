@@ -20,6 +20,8 @@ from pipeline.plan import build_root
 from pipeline.runtime.backends import BACKENDS
 from targets import TARGETS
 
+NO_WAIT_HELP = "if another process is writing the build folder, exit 4 at once instead of waiting for it"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
@@ -60,11 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild every stage, ignoring the cache")
     build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
     build.add_argument("--no-report", action="store_true", help="do not write report.md/.json/.html at the end")
+    build.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     stages = commands.add_parser("stages", parents=[common], help="list the stages of a target and their cache state")
     stages.add_argument("--json", action="store_true", help="print as JSON")
 
-    commands.add_parser("clean", parents=[common], help="delete the artifacts of the given models and target")
+    clean = commands.add_parser("clean", parents=[common], help="delete the artifacts of the given models and target")
+    clean.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     bench = commands.add_parser("benchmark", help="time builds (cold, cached), artifact latency, or NNCF vs our INT8")
     bench.add_argument("--model", action="append", metavar="NAME", help="network to measure; repeat, or 'all'")
@@ -93,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="also quantize with minmax / percentile / entropy and compare them (minutes)")
     report.add_argument("--latency-seconds", type=float, default=2.0,
                         help="timed seconds per artifact for the latency column (0: leave latency out)")
+    report.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
 
     device = commands.add_parser("device-build", help="on the device: build the TensorRT engine from a bundle, check it, time it")
     device.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder or bundle.tar.gz copied from the host")
@@ -196,6 +201,7 @@ def _build(args) -> int:
     import os
 
     from pipeline.build import Builder
+    from pipeline.lock import folder_lock
     from pipeline.progress import Reporter
 
     config, names = _config(args)
@@ -207,18 +213,19 @@ def _build(args) -> int:
     manifests = {}
     for name in names:
         reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}, {config.weights} weights)")
-        manifest = Builder(config, name, reporter, force=args.force).run()
-        manifests[name] = manifest
-        built = manifest["built_this_run"]
-        reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
-        reporter.drift_table(name, manifest)
         root = build_root(config.build_dir, name, config.target)
-        reporter.say(f"  artifacts: {root}/ (deployed: {manifest['deployed']['artifact']})")
-        if not args.no_report:
-            from pipeline.report import write_report
+        with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # the build and its report
+            manifest = Builder(config, name, reporter, force=args.force).run()
+            manifests[name] = manifest
+            built = manifest["built_this_run"]
+            reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
+            reporter.drift_table(name, manifest)
+            reporter.say(f"  artifacts: {root}/ (deployed: {manifest['deployed']['artifact']})")
+            if not args.no_report:
+                from pipeline.report import write_report
 
-            written = write_report(root, latency_seconds=1.0, reporter=reporter)
-            reporter.say(f"  report: {written}")
+                written = write_report(root, latency_seconds=1.0, reporter=reporter)
+                reporter.say(f"  report: {written}")
     if args.json:
         print(json.dumps(manifests, indent=2, default=str))
     return 0
@@ -248,14 +255,17 @@ def _stages(args) -> int:
 
 
 def _clean(args) -> int:
+    from pipeline.lock import folder_lock
+
     config, names = _config(args)
     for name in names:
         root = build_root(config.build_dir, name, config.target)
-        if root.exists():
-            shutil.rmtree(root)
-            print(f"removed {root}")
-        else:
+        if not root.exists():
             print(f"nothing to remove at {root}")
+            continue
+        with folder_lock(root, wait=not args.no_wait):  # never under a build that is writing it
+            shutil.rmtree(root)
+        print(f"removed {root}")
     return 0
 
 
@@ -321,12 +331,16 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.interrupts import at_stage, signals_raise
+
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        with signals_raise():  # SIGTERM unwinds like Ctrl-C: temporary folders removed, lock released
+            return _COMMANDS[args.command](args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept, the unfinished one will be rebuilt", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # finished stages are kept; the interrupted one is rebuilt next time
+        interrupted = at_stage(error, None)
+        print(interrupted.message(), file=sys.stderr)
+        return interrupted.exit_code

@@ -51,6 +51,8 @@ class BuildContext:
         if config.network.input_size:
             self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
         self.evaluation_count = plan.evaluation_count
+        self.scan_skipped: tuple = ()  # files the dataset scan left out (calibration.datasets.Skipped)
+        self.decode_skipped: dict[str, tuple] = {}  # "evaluation" / "calibration": files that did not decode
         self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
 
     def _image_pools(self):
@@ -60,6 +62,7 @@ class BuildContext:
         data = self.config.data
         if data.frames:
             scan = datasets.read_unlabelled_folder(Path(data.frames))
+            self.scan_skipped = scan.problems
             self._warn_all(scan.problems)
             ordered = sampling.select_balanced(scan.records, len(scan.records), data.seed)
             held_out = min(self.evaluation_count, len(ordered) // 2)  # never more than half the frames
@@ -70,6 +73,7 @@ class BuildContext:
             if getattr(imagenet, part) is None:
                 raise PipelineError(f"{data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root "
                                     "holding synsets.txt, train-sample/ and val/")
+        self.scan_skipped = imagenet.skipped
         self._warn_all(imagenet.problems)
         return imagenet.calibration.records, imagenet.evaluation.records, imagenet.class_names
 
@@ -146,6 +150,7 @@ class BuildContext:
         from calibration import images
 
         loaded = images.load_images(records, self.preprocessing, progress=self.progress(f"loading {kind} images"))
+        self.decode_skipped[kind] = loaded.skipped  # recorded by the stage that decoded them (Builder)
         for skipped in loaded.skipped:
             self.reporter.warn(f"skipped {skipped}")
         if not len(loaded.crops):

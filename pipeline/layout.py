@@ -6,6 +6,9 @@
         check_<stage>/logits.npy            the drift check's run of the stage's artifact
         report/                             report.md / .json / .html
 
+    <build_dir>/<model>/.<target>.lock      lock_file(): held by whoever writes the build folder
+    <build_dir>/<model>/.<target>.lock.json holder_file(): pid, host and start time of the holder
+
 Everything that reads or writes a build folder takes these names from here.
 """
 
@@ -32,3 +35,13 @@ def build_root(build_dir: str | Path, model: str, target: str) -> Path:
 def check_folder(stage: str) -> str:
     """The folder of a stage's drift check, beside the stage's own."""
     return f"check_{stage}"
+
+
+def lock_file(root: Path) -> Path:
+    """The build folder's lock, beside it (`clean` removes the folder; the lock must outlive that)."""
+    return root.parent / f".{root.name}.lock"
+
+
+def holder_file(root: Path) -> Path:
+    """Who holds the lock: written by the holder once it has the lock, read by those who wait."""
+    return root.parent / f".{root.name}.lock.json"

@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "calibration", "targets")
 MAX_LINES = 450
 # The device side: what `verify`, `device-build`, `run` and the camera runtime load on a Jetson.
-DEVICE = ("pipeline.artifact", "pipeline.golden", "pipeline.verify", "pipeline.device_build", "pipeline.device_check",
-          "pipeline.divergence",
+DEVICE = ("pipeline.artifact", "pipeline.integrity", "pipeline.golden", "pipeline.verify", "pipeline.device_build",
+          "pipeline.device_check", "pipeline.divergence",
           "pipeline.runtime", "pipeline.drift", "pipeline.errors", "targets", "targets.runner", "targets.timing",
           "targets.onnxruntime", "targets.openvino", "targets.tensorrt")
 # The host side: building, measuring and reporting, which a device never needs.
-HOST = ("pipeline.build", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",
+HOST = ("pipeline.build", "pipeline.lock", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",
         "pipeline.measure", "pipeline.report", "pipeline.models", "pipeline.weights", "calibration",
         "targets.pytorch", "targets.nncf_quantizer")
 

@@ -66,5 +66,7 @@ def test_folder_without_marker_is_rebuilt_and_replaced(tmp_path):
 def test_sweep_removes_leftover_temporary_folders(tmp_path):
     cache = ArtifactCache(tmp_path)
     (tmp_path / ".stage.abc.tmp").mkdir()
+    (tmp_path / ".manifest.json.abc.tmp").write_text("{")  # a manifest write cut short by SIGKILL
     cache.sweep_leftovers()
     assert not (tmp_path / ".stage.abc.tmp").exists()
+    assert not (tmp_path / ".manifest.json.abc.tmp").exists()

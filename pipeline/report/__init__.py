@@ -41,6 +41,7 @@ REPORT_FORMAT = "inception-edge-report/1"
 
 def command(args) -> int:
     """`python -m pipeline report BUILD_DIR`: report every finished build under BUILD_DIR."""
+    from pipeline.lock import folder_lock
     from pipeline.progress import Reporter
 
     if args.latency_seconds < 0:
@@ -48,8 +49,9 @@ def command(args) -> int:
     roots = find_builds(Path(args.build_dir), args.model, args.target)
     reporter = Reporter()
     for root in roots:
-        written = write_report(root, latency_seconds=args.latency_seconds, reporter=reporter,
-                               compare_calibration=args.compare_calibration)
+        with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # not while a build rewrites it
+            written = write_report(root, latency_seconds=args.latency_seconds, reporter=reporter,
+                                   compare_calibration=args.compare_calibration)
         reporter.say(f"{root}: report written to {written}")
     return 0
 
@@ -109,6 +111,7 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
         "deployed": manifest.get("deployed", {}),
         "preprocessing": manifest.get("preprocessing", {}),
         "host": manifest.get("host", {}),
+        "skipped_images": manifest.get("skipped_images") or {"count": 0, "by_reason": {}, "files": []},
         "missing": [],  # optional inputs the report could not use, each with how to get it
     }
     missing = report["missing"]
@@ -128,6 +131,8 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
     sections.append(make.flips_section(report["flips"], build, images))
     report["benchmark"] = collect.benchmark(build, missing)
     sections.append(make.benchmark_section(report["benchmark"]))
+    if report["skipped_images"]["count"]:
+        sections.append(make.skipped_section(report["skipped_images"]))
     if missing:
         sections.append({"title": "Missing inputs", "blocks": [("list", missing)]})
     return report, sections, images

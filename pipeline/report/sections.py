@@ -42,10 +42,26 @@ def summary_section(report: dict, build: Build) -> dict:
         ["preprocessing", f"resize {pre.get('resize')} ({pre.get('interpolation')}), center crop {pre.get('crop')}, "
                           f"mean {pre.get('mean')}, std {pre.get('std')}"],
         ["evaluation images", str(manifest.get("evaluation_images"))],
+        ["skipped images", skipped_text(report["skipped_images"])],
         ["host", f"{report['host'].get('processor')}, Python {report['host'].get('python')}"],
         ["report written", report["generated_at"]],
     ]))
     return {"title": f"{report['model']} on {report['target']}: quantization accuracy report", "blocks": blocks}
+
+
+def skipped_text(skipped: dict) -> str:
+    """'3 (truncated 1, unreadable 1, missing from val.txt 1)', or 'none'."""
+    if not skipped["count"]:
+        return "none"
+    return f"{skipped['count']} (" + ", ".join(f"{kind} {n}" for kind, n in skipped["by_reason"].items()) + ")"
+
+
+def skipped_section(skipped: dict) -> dict:
+    """Every file the build left out, with its reason (the manifest's skipped_images)."""
+    rows = [[row["kind"], row["path"], row["reason"], row["images"]] for row in skipped["files"]]
+    return {"title": "Skipped images", "blocks": [
+        ("warning", f"The build left out {skipped_text(skipped)} files: check the data if this is unexpected."),
+        ("table", ["reason", "file", "detail", "found by"], rows)]}
 
 
 def _weights_text(weights: dict) -> str:

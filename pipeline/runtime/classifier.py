@@ -52,11 +52,13 @@ class Classifier:
 
     @classmethod
     def open(cls, path: str | os.PathLike, backend: str | None = None, device: str = "CPU",
-             precision: str | None = None, throughput: bool = False, check_hashes: bool = False) -> "Classifier":
+             precision: str | None = None, throughput: bool = False, check_hashes: bool = True) -> "Classifier":
         """Open a bundle (folder, build folder or .tar.gz). `backend`: None (choose), tensorrt, openvino, onnxruntime.
 
         `device`: OpenVINO's device name (CPU, GPU, NPU) or, for ONNX Runtime, CPU or CUDA.
         `throughput`: compile for many requests in flight (OpenVINO), for `classify_async`.
+        `check_hashes`: the bundle's files are checked against its manifest before use, as `verify` does
+        (sizes always; SHA-256 too unless False, remembered by size and mtime so a restart stays fast).
         """
         if backend is not None and backend not in BACKENDS:
             raise PipelineError(f"unknown back end {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -36,9 +36,10 @@ def _results(bundle: Path) -> list[dict]:
 
 
 def _rehash(bundle: Path, relative: str) -> None:
-    """Record a changed file's sha256 in the manifest, as a bundle tampered with on purpose would."""
+    """Record a changed file's sha256 and size in the manifest, as a bundle tampered with on purpose would."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"][relative] = hashlib.sha256((bundle / relative).read_bytes()).hexdigest()
+    manifest["sizes"][relative] = (bundle / relative).stat().st_size
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 

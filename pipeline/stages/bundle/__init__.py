@@ -166,6 +166,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
     for path in files:
         path.chmod(0o644)  # some writers make private temp files; a bundle is meant to be copied
     manifest["files"] = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    manifest["sizes"] = {str(p.relative_to(folder)): p.stat().st_size for p in files}
     write_json(folder / MANIFEST, manifest)  # last: the bundle's completion marker
     return {"golden_images": count, "precisions": list(artifacts), "expected": expected,
             "wheel": manifest["wheel"], "trtexec_lines": len(manifest["trtexec"])}
