@@ -1,6 +1,6 @@
 """Bundles check themselves before anything runs them: `Classifier.open`, `run`, `verify` and `device-build`
 refuse a truncated, altered, missing or added model file by name, and a corrupt or hostile bundle.tar.gz
-is refused with nothing written. The bundle is a real FP32 Lite0 build (8 images, no wheel: seconds)."""
+is refused with nothing written. The bundle is the session's small INT8 Lite0 CPU build (tests/builds.py)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,14 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.integrity import HASH_CACHE, RACY_SECONDS
-from tests.device.bundles import build_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-precision: fp32
-data: {evaluation_images: 8}
-bundle: {golden_images: 8, include_wheel: false}
-"""
 MODEL_FILE = "models/model.bin"
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, imagenet) -> Path:
-    return build_bundle(tmp_path_factory, imagenet, "integrity", CONFIG, "cpu")
+def build(small_cpu_build) -> Path:
+    return small_cpu_build.root
 
 
 @pytest.fixture()

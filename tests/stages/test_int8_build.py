@@ -80,7 +80,7 @@ def test_gate_returns_the_most_sensitive_layers_to_float(tmp_path, imagenet):
     """minmax ranges over 64 images: asked for 98.5% top-1 agreement on its decision images, the gate needs fallback."""
     yaml_text = (
         "data:\n  calibration_images: 64\n"
-        "quantization:\n  method: minmax\n  fallback_group: 2\n  max_fallback_layers: 24\n"
+        "quantization:\n  method: minmax\n  bias_correction: false\n  fallback_group: 2\n  max_fallback_layers: 24\n"
         "drift:\n  gate: {min_agreement: 0.985}\n"
     )
     assert _int8_build(tmp_path, imagenet, yaml_text) == 0
