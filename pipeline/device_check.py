@@ -57,11 +57,13 @@ def run_checks(bundle_dir: str | Path | None = None) -> list[Check]:
         bundle = None
         checks.append(Check("bundle", FAIL, str(error), "copy the whole bundle (or its .tar.gz) again"))
     trt = _tensorrt()
-    for check in (check_tensorrt, check_cuda, check_numpy, check_dla, check_gpu_memory, check_power, check_disk):
+    checks_in_order = (("tensorrt", check_tensorrt), ("cuda", check_cuda), ("numpy", check_numpy), ("dla", check_dla),
+                       ("gpu", check_gpu_memory), ("power", check_power), ("disk", check_disk))
+    for name, check in checks_in_order:
         try:
             checks.append(check(trt, bundle))
         except Exception as error:  # noqa: BLE001 (a preflight reports, it never stops)
-            checks.append(Check(check.__name__.removeprefix("check_"), FAIL, f"the check itself failed: "
+            checks.append(Check(name, FAIL, f"the check itself failed: "
                                 f"{type(error).__name__}: {error}", "report this with the output of device-check"))
     return checks
 
@@ -137,7 +139,10 @@ def check_cuda(trt, bundle) -> Check:
         return Check("cuda", FAIL, str(error), f"pip install '{CUDA_PYTHON_JETPACK6}' (JetPack 6) or "
                                                f"'{CUDA_PYTHON_CUDA13}' (CUDA 13)")
     package = _cuda_python_version() or "unknown"
-    error, driver = runtime.cudaDriverGetVersion()
+    try:
+        error, driver = runtime.cudaDriverGetVersion()
+    except RuntimeError:  # cuda-python 12.x without libcuda: "Failed to dlopen libcuda.so.1"
+        error, driver = None, 0
     driver = driver if error == runtime.cudaError_t.cudaSuccess else 0
     error, runtime_version = runtime.cudaRuntimeGetVersion()
     runtime_version = runtime_version if error == runtime.cudaError_t.cudaSuccess else 0

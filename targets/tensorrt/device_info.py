@@ -69,7 +69,10 @@ def _version(number: int) -> str:
 def gpu_description(device: int = 0) -> dict:
     """Name, compute capability, memory, driver and runtime versions of a CUDA device."""
     runtime = cudart()
-    count = check(runtime.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    try:
+        count = check(runtime.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except RuntimeError as error:  # cuda-python 12.x without libcuda: "Failed to dlopen libcuda.so.1"
+        raise PipelineError(f"no NVIDIA driver here ({error})") from None
     if count < 1:
         raise PipelineError("no CUDA device found")
     props = check(runtime.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
