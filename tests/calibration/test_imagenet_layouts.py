@@ -109,6 +109,8 @@ def test_imagefolder_without_a_class_list_gives_todays_labels(tmp_path, caffe):
 def test_kaggle_layout_gives_todays_labels(tmp_path, caffe, mapping):
     data = open_imagenet(kaggle_tree(tmp_path, caffe, mapping))
     assert data.layout == "kaggle"
+    # its image folder stands for the root (the report finds the root from an image's path up to val/)
+    assert by_name(open_imagenet(tmp_path / "ILSVRC" / "Data" / "CLS-LOC").evaluation) == by_name(data.evaluation)
     assert by_name(data.evaluation) == by_name(caffe.evaluation) and len(data.evaluation) == 650
     assert by_name(data.calibration) == by_name(caffe.calibration)
     assert data.class_names == caffe.class_names and data.problems == ()
