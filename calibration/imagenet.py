@@ -87,14 +87,15 @@ def class_list(folder: Path) -> tuple[Synset, ...]:
 def open_imagenet(root: str | os.PathLike) -> ImageNetData:
     """An ImageNet root in any of the `LAYOUTS`, or one train or val folder of one.
 
-    Kaggle's `ILSVRC/Data/CLS-LOC` stands for its root. Pointed at a train-layout folder, that folder gives the calibration candidates and `evaluation` is
-    None; pointed at a val-layout folder, it gives the evaluation scan and `calibration` is None.
+    Kaggle's `ILSVRC/Data/CLS-LOC` stands for its root. Pointed at a train-layout folder, that folder gives
+    the calibration candidates and `evaluation` is None; pointed at a val-layout folder, it gives the
+    evaluation scan and `calibration` is None.
     """
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"{'not a folder' if root.exists() else 'folder not found'}: {root} ({LAYOUTS})")
     if root.absolute().parts[-3:] == KAGGLE_IMAGES.parts:  # Kaggle's image folder: its root is 3 levels up
-        root = root.absolute().parents[2]
+        root = root.parents[2] if len(root.parts) >= 3 else root.absolute().parents[2]  # paths stay as given
     synsets = class_list(root)
     if (root / KAGGLE_SYNSETS).is_file() or (root / KAGGLE_IMAGES).is_dir():
         return _kaggle(root, synsets)
