@@ -1,6 +1,6 @@
 """ImageNet data on disk: readers for the standard layouts, without decoding an image.
 
-Three layouts are read:
+Three folder layouts are read (`calibration.imagenet` finds them under an ImageNet root):
 
 - *train* layout: `<root>/<wnid>/<image>`, labelled by the wnid's line in `synsets.txt`;
 - *val* layout: flat image files plus `val.txt` with lines `<file name> <0-based class index>`;
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
@@ -28,9 +28,6 @@ from pipeline.errors import PipelineError
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VAL_LABELS_FILE = "val.txt"
 SYNSETS_FILE = "synsets.txt"
-# Folder names tried, in order, under an ImageNet root.
-CALIBRATION_FOLDERS = ("train-sample", "train")
-EVALUATION_FOLDERS = ("val",)
 
 _WNID = re.compile(r"n\d{8}")
 _TRAIN_EXPECTED = "expected <wnid>/<image> subfolders (ImageNet train layout)"
@@ -41,6 +38,9 @@ _VAL_EXPECTED = f"expected image files plus {VAL_LABELS_FILE} with lines '<file 
 class ImageRecord:
     path: Path
     label: int | None = None  # 0-based class index in synsets.txt order; None when unlabelled
+    # What seeded sampling orders the image by; None: its path below the candidates' common folder. Set where
+    # a layout nests images that another keeps flat (ImageFolder's val/<wnid>/), so both select the same images.
+    key: str | None = field(default=None, compare=False)
 
 
 class Skipped(NamedTuple):
@@ -82,34 +82,6 @@ class DatasetScan:
     @property
     def num_classes_present(self) -> int:
         return len({r.label for r in self.records if r.label is not None})
-
-
-@dataclass(frozen=True)
-class ImageNetData:
-    """An ImageNet root: the class list, a calibration scan and a held-out evaluation scan."""
-
-    root: Path
-    synsets: tuple[Synset, ...]
-    calibration: DatasetScan | None
-    evaluation: DatasetScan | None
-
-    @property
-    def class_names(self) -> list[str]:
-        return [s.short_name for s in self.synsets]
-
-    @property
-    def wnids(self) -> list[str]:
-        return [s.wnid for s in self.synsets]
-
-    @property
-    def skipped(self) -> tuple[Skipped, ...]:
-        """What both scans skipped."""
-        return tuple(problem for scan in (self.calibration, self.evaluation) if scan is not None for problem in scan.problems)
-
-    @property
-    def problems(self) -> tuple[str, ...]:
-        """What both scans skipped, one line each ("<path>: <reason>")."""
-        return tuple(str(problem) for problem in self.skipped)
 
 
 def read_synsets(path: str | os.PathLike) -> list[Synset]:
@@ -233,37 +205,6 @@ def scan_folder(folder: str | os.PathLike, synsets: Sequence[Synset] | None = No
     if layout == "train":
         return read_train_layout(folder, [s.wnid for s in synsets])
     return read_val_layout(folder, num_classes=len(synsets) if synsets else 1000)
-
-
-def open_imagenet(root: str | os.PathLike) -> ImageNetData:
-    """An ImageNet root (`synsets.txt`, `train-sample/` or `train/`, `val/`), or one layout folder.
-
-    Pointed at a train-layout folder, that folder becomes the calibration scan and `evaluation`
-    is None; pointed at a val-layout folder, it becomes the evaluation scan and `calibration` is
-    None. `synsets.txt` is looked up in the folder itself and then in its parent.
-    """
-    root = _existing_folder(root, f"expected an ImageNet folder with {SYNSETS_FILE}, train-sample/ and val/")
-    synsets_path = _find_synsets(root)
-    synsets = tuple(read_synsets(synsets_path)) if synsets_path else ()
-
-    layout = detect_layout(root)
-    if layout == "train":
-        return ImageNetData(root, synsets, scan_folder(root, synsets or None), None)
-    if layout == "val":
-        return ImageNetData(root, synsets, None, scan_folder(root, synsets or None))
-
-    calibration_dir = next((root / n for n in CALIBRATION_FOLDERS if (root / n).is_dir()), None)
-    evaluation_dir = next((root / n for n in EVALUATION_FOLDERS if (root / n).is_dir()), None)
-    if calibration_dir is None and evaluation_dir is None:
-        raise PipelineError(
-            f"{root} is not an ImageNet folder: expected {SYNSETS_FILE} with train-sample/ (or train/) "
-            f"and val/, a folder of <wnid>/ subfolders, or a folder with {VAL_LABELS_FILE}"
-        )
-    if not synsets:
-        raise PipelineError(f"no {SYNSETS_FILE} in {root}: put the ImageNet class list there")
-    calibration = scan_folder(calibration_dir, synsets) if calibration_dir else None
-    evaluation = scan_folder(evaluation_dir, synsets) if evaluation_dir else None
-    return ImageNetData(root, synsets, calibration, evaluation)
 
 
 def _parse_val_line(

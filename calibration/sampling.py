@@ -94,7 +94,7 @@ def _relative_keys(records: list[ImageRecord]) -> dict[ImageRecord, str]:
     if not records:
         return {}
     root = _common_folder(records)
-    return {r: Path(os.path.relpath(r.path.absolute(), root)).as_posix() for r in records}
+    return {r: r.key or Path(os.path.relpath(r.path.absolute(), root)).as_posix() for r in records}
 
 
 def _common_folder(records: Sequence[ImageRecord]) -> Path:

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="precision the artifact is deployed in (default int8); fp32/fp16 skip the INT8 stages")
 
     build = commands.add_parser("build", parents=[common], help="run the stages of a target (cached)")
-    build.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root with synsets.txt, train-sample/, val/")
+    build.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root: Caffe (synsets.txt, train-sample/, val/ + val.txt), ImageFolder or Kaggle layout")
     build.add_argument("--weights", help="imagenet, random, or a .safetensors / .pth / .pt checkpoint")
     build.add_argument("--num-classes", type=int, help="classes of a fine-tuned head (default: read from the checkpoint)")
     build.add_argument("--labels", type=Path, help="labels file of a fine-tuned network, one class name per line")

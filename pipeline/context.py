@@ -51,41 +51,55 @@ class BuildContext:
         if config.network.input_size:
             self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
         self.evaluation_count = plan.evaluation_count
-        self.scan_skipped: tuple = ()  # files the dataset scan left out (calibration.datasets.Skipped)
+        self._imagenet = None  # the ImageNet root read (calibration.imagenet.ImageNetData); None with frames
+        self.scan_skipped = ()
         self.decode_skipped: dict[str, tuple] = {}  # "evaluation" / "calibration": files that did not decode
         self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
 
     def _image_pools(self):
-        """Calibration and evaluation candidates: ImageNet's train-sample/ and val/, or the user's frames."""
-        from calibration import datasets, sampling
+        """Calibration and evaluation candidates: an ImageNet root in any layout it has (`calibration.imagenet`),
+        or the user's frames."""
+        from calibration import datasets, imagenet
 
         data = self.config.data
         if data.frames:
             scan = datasets.read_unlabelled_folder(Path(data.frames))
             self.scan_skipped = scan.problems
             self._warn_all(scan.problems)
-            ordered = sampling.select_balanced(scan.records, len(scan.records), data.seed)
+            ordered = self._select(scan.records, len(scan.records))
             held_out = min(self.evaluation_count, len(ordered) // 2)  # never more than half the frames
-            class_names = self._imagenet_class_names(required=not self.config.network.labels)
+            class_names = [s.short_name for s in imagenet.class_list(Path(data.imagenet))]
             return ordered[held_out:], ordered[:held_out], class_names
-        imagenet = datasets.open_imagenet(Path(data.imagenet))
-        for part, folder in (("evaluation", "val/"), ("calibration", "train-sample/")):
-            if getattr(imagenet, part) is None:
-                raise PipelineError(f"{data.imagenet}: no {part} images ({folder}): point --imagenet at an ImageNet root "
-                                    "holding synsets.txt, train-sample/ and val/")
-        self.scan_skipped = imagenet.skipped
-        self._warn_all(imagenet.problems)
-        return imagenet.calibration.records, imagenet.evaluation.records, imagenet.class_names
+        where = f"--imagenet / IMAGENET_DIR = {Path(data.imagenet).absolute()}"
+        try:
+            root = imagenet.open_imagenet(Path(data.imagenet))
+        except PipelineError as error:  # the calibration layer names the folder; the user needs the option too
+            raise PipelineError(f"{where}: {error}") from None
+        for part, folder in (("evaluation", "val/"), ("calibration", "train-sample/ or train/")):
+            if getattr(root, part) is None:
+                raise PipelineError(f"{where}: no {part} images ({folder}); {imagenet.LAYOUTS}")
+        self._imagenet = root
+        self._warn_all(root.problems)
+        return root.calibration, root.evaluation.records, root.class_names
 
-    def _imagenet_class_names(self, required: bool) -> list[str]:
-        from calibration import datasets
+    @property
+    def scan_skipped(self) -> tuple:
+        """Files the dataset scans left out (calibration.datasets.Skipped), train/ as far as it was listed."""
+        return self._imagenet.skipped if self._imagenet is not None else self._frames_skipped
 
-        synsets = Path(self.config.data.imagenet) / datasets.SYNSETS_FILE
-        if synsets.is_file():
-            return [s.short_name for s in datasets.read_synsets(synsets)]
-        if required:
-            raise PipelineError(f"no class names: pass --labels (one name per line), or --imagenet with {synsets.name}")
-        return []
+    @scan_skipped.setter
+    def scan_skipped(self, value: tuple) -> None:
+        self._frames_skipped = value
+
+    def _select(self, pool, count: int, exclude=frozenset()):
+        """`count` images of `pool`, balanced and seeded (`calibration.sampling`), leaving out the paths in `exclude`.
+        A train/ tree (`ClassFolders`) selects lazily, listing only the class folders it reaches."""
+        from calibration import sampling
+        from calibration.class_folders import ClassFolders
+
+        if isinstance(pool, ClassFolders):
+            return pool.select(count, self.config.data.seed, exclude)
+        return sampling.select_balanced([r for r in pool if r.path not in exclude], count, self.config.data.seed)
 
     def _warn_all(self, problems) -> None:
         for problem in problems:
@@ -105,9 +119,9 @@ class BuildContext:
         from calibration import sampling
 
         count = self.config.data.calibration_images
-        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/)"
-        sampling.require_at_least(self.calibration_pool, count, f"calibration images in {where}")
-        records = sampling.select_balanced(self.calibration_pool, count, self.config.data.seed)
+        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/ or train/)"
+        records = self._select(self.calibration_pool, count)
+        sampling.require_at_least(records, count, f"calibration images in {where}")  # fewer: all were selected
         sampling.assert_disjoint(records, self.evaluation_records)
         return records
 
@@ -119,15 +133,14 @@ class BuildContext:
 
         count = self.config.quantization.decision_images
         calibration = {record.path for record in self.calibration_records}
-        rest = [record for record in self.calibration_pool if record.path not in calibration]
-        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/)"
-        if not rest:
+        records = self._select(self.calibration_pool, count, exclude=calibration)
+        where = self.config.data.frames or f"{self.config.data.imagenet} (train-sample/ or train/)"
+        if not records:
             raise PipelineError(f"no images left in {where} for the INT8 gate to decide on: all {len(calibration)} "
                                 "are calibration images; lower data.calibration_images or add images")
-        if len(rest) < count:
-            self.reporter.warn(f"the INT8 gate decides on the {len(rest)} images of {where} left after calibration "
+        if len(records) < count:  # fewer selected than asked: every image left was taken
+            self.reporter.warn(f"the INT8 gate decides on the {len(records)} images of {where} left after calibration "
                                f"(quantization.decision_images asks for {count})")
-        records = sampling.select_balanced(rest, count, self.config.data.seed)
         sampling.assert_disjoint(records, self.evaluation_records)
         return records
 
@@ -235,9 +248,7 @@ class BuildContext:
     @cached_property
     def batchnorm_records(self):
         """The calibration images random weights re-estimate batch-norm statistics on."""
-        from calibration import sampling
-
-        return sampling.select_balanced(self.calibration_pool, self.config.data.batchnorm_images, self.config.data.seed)
+        return self._select(self.calibration_pool, self.config.data.batchnorm_images)
 
     @cached_property
     def model(self):

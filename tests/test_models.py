@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.models import MODELS, get_spec
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+LAYOUTS = REPO / "tests" / "data" / "checkpoint_layouts"  # copied from ../shared/reference (README there)
 
 torch.set_num_threads(2)
 
@@ -72,7 +72,7 @@ def test_published_preprocessing():
 def test_published_layout(name, parameters):
     model = build(name)
     assert parameter_count(model) == parameters
-    reference = (REFERENCE / f"{name}_keys.txt").read_text().splitlines()
+    reference = (LAYOUTS / f"{name}_keys.txt").read_text().splitlines()
     reference = [line for line in reference if ".num_batches_tracked " not in line]
     assert layout_lines(model.state_dict()) == reference
 

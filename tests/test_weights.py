@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from calibration import datasets, images
+from calibration import images, imagenet as imagenet_root
 from pipeline.errors import PipelineError
 from pipeline.models import get_spec
 from pipeline.weights import RANDOM_NOTE, WeightsInfo, adapt_state_dict, load_model
@@ -223,7 +223,7 @@ def test_hub_unreachable_fails_fast(tmp_path, monkeypatch):
 
 
 def test_random_weights_after_batchnorm_reestimation_depend_on_the_input(imagenet):
-    data = datasets.open_imagenet(imagenet)
+    data = imagenet_root.open_imagenet(imagenet)
     preprocessing = get_spec("inception_v4").preprocessing
     calibration = images.load_images(data.calibration.records[::125], preprocessing).inputs()  # 8 classes
     loaded = load_model("inception_v4", "random", bn_batches=[calibration[:4], calibration[4:]], seed=3)
@@ -255,7 +255,7 @@ def test_efficientnet_lite0_imagenet_top1(imagenet):
     loaded = load_model("efficientnet_lite0")
     assert loaded.weights.source == "imagenet" and loaded.weights.sha256
     model = loaded.module.to(memory_format=torch.channels_last)  # about 2x faster on the CPU
-    records = datasets.open_imagenet(imagenet).evaluation.records
+    records = imagenet_root.open_imagenet(imagenet).evaluation.records
     correct = 0
     for batch in images.iter_batches(records, loaded.preprocessing, batch_size=50):
         inputs = torch.from_numpy(batch.inputs()).to(memory_format=torch.channels_last)

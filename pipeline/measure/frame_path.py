@@ -150,22 +150,28 @@ def frame_path_markdown(results: Sequence[FramePathResult], machine: str, second
 
 
 def frame_jpeg(imagenet: Path, size: tuple[int, int] = FRAME_SIZE, quality: int = 90) -> tuple[bytes, str]:
-    """A `size` (width, height) JPEG made from the first image of ImageNet's val/ list: a camera-like frame.
+    """A `size` (width, height) JPEG made from the first image of ImageNet's val/ (by path): a camera-like frame.
 
     Returns (the JPEG bytes, a description of where it came from)."""
     import cv2
 
-    listing = imagenet / "val" / "val.txt"
-    try:
-        first = next(line.split()[0] for line in listing.read_text().splitlines() if line.strip())
-    except (OSError, StopIteration):
-        raise PipelineError(f"{listing}: no ImageNet val images to make a frame from: set IMAGENET_DIR "
-                            "(or data.imagenet in --config) to an ImageNet root with val/val.txt") from None
-    image = cv2.imread(str(imagenet / "val" / first), cv2.IMREAD_COLOR)
+    from calibration.imagenet import open_imagenet
+
+    try:  # any layout calibration.imagenet reads; the first val image by path
+        evaluation = open_imagenet(imagenet).evaluation
+    except PipelineError as error:
+        raise PipelineError(f"no ImageNet val images to make a frame from: set IMAGENET_DIR (or data.imagenet in "
+                            f"--config) to an ImageNet root ({error})") from None
+    if evaluation is None:
+        raise PipelineError(f"{imagenet}: no ImageNet val images to make a frame from: set IMAGENET_DIR (or "
+                            "data.imagenet in --config) to an ImageNet root with val/")
+    first = evaluation.records[0].path
+    image = cv2.imread(str(first), cv2.IMREAD_COLOR)
     if image is None:
-        raise PipelineError(f"{imagenet / 'val' / first}: not a readable image: check the ImageNet folder")
+        raise PipelineError(f"{first}: not a readable image: check the ImageNet folder")
     frame = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
     ok, encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise PipelineError("OpenCV could not encode the benchmark frame as JPEG")
-    return encoded.tobytes(), f"{size[0]}x{size[1]} JPEG (quality {quality}) of val/{first}"
+    where = first.relative_to(imagenet).as_posix() if first.is_relative_to(imagenet) else str(first)
+    return encoded.tobytes(), f"{size[0]}x{size[1]} JPEG (quality {quality}) of {where}"

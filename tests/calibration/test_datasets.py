@@ -18,13 +18,13 @@ from PIL import Image, ImageFile
 
 from calibration.datasets import (
     ImageRecord,
-    open_imagenet,
     read_synsets,
     read_train_layout,
     read_unlabelled_folder,
     read_val_layout,
     scan_folder,
 )
+from calibration.imagenet import open_imagenet
 from calibration.images import iter_batches, load_images, records_digest
 from calibration.preprocess import Preprocessing
 from calibration.sampling import assert_disjoint, require_at_least, select_balanced

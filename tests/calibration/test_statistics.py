@@ -420,7 +420,7 @@ def test_no_batch_outputs_outlive_their_batch(small_model, images, monkeypatch):
 
 
 def test_entropy_calibration_of_efficientnet_lite0_on_real_images(imagenet, tmp_path):
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.sampling import select_balanced
     from pipeline.models import get_spec

@@ -66,7 +66,7 @@ def test_which_tensors_share_a_range(tmp_path):
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory, imagenet):
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.preprocess import Preprocessing
     from calibration.statistics import collect_ranges
@@ -130,7 +130,7 @@ def test_the_calibrate_stage_of_a_jetson_build_records_the_dla_section(tmp_path,
     """produce_calibrate itself, on the block, with a minimal build context: Jetson yes, desktop GPU no."""
     import types
 
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.preprocess import Preprocessing
     from calibration.statistics import CalibrationTable

@@ -52,7 +52,7 @@ def export_lite0(path) -> str:
 
 def lite0_images(imagenet, calibration: int, evaluation: int):
     """(calibration inputs, evaluation inputs, evaluation labels): float32 NCHW, balanced, seeded."""
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.sampling import select_balanced
     from pipeline.models import get_spec

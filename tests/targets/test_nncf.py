@@ -38,7 +38,7 @@ def constant_types(xml_path) -> set[str]:
 @pytest.fixture(scope="module")
 def lite0(imagenet, tmp_path_factory):
     """EfficientNet-Lite0 (published weights) as FP32 ONNX and IR, with calibration and val images."""
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.sampling import assert_disjoint, select_balanced
     from pipeline.models import get_spec

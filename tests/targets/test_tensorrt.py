@@ -290,7 +290,7 @@ def test_build_without_tensorrt_says_why(models, tmp_path):
 @pytest.fixture(scope="module")
 def real_table(models, imagenet):
     """A calibration table of the tiny model on 16 real ImageNet evaluation images (the project's code)."""
-    from calibration.datasets import open_imagenet
+    from calibration.imagenet import open_imagenet
     from calibration.images import load_images
     from calibration.preprocess import Preprocessing
     from calibration.statistics import collect_ranges

@@ -35,8 +35,8 @@ def project_root() -> Path | None:
 def _source_files(root: Path) -> list[Path]:
     files = [root / name for name in SOURCE_FILES if (root / name).is_file()]
     for package in SOURCE_PACKAGES:
-        files += sorted(p for p in (root / package).rglob("*")  # what setuptools packs: modules, pipeline.yaml
-                        if p.is_file() and p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
+        files += sorted(p for p in (root / package).rglob("*")  # what setuptools packs: modules, package data
+                        if p.is_file() and p.suffix in (".py", ".yaml", ".txt") and "__pycache__" not in p.parts
                         and not p.name.startswith("."))
     return files
 
