@@ -74,6 +74,8 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     try:
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
         shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
+        if shifts:  # rank the layers as they will run: with their corrected biases
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts)
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
             ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
