@@ -2,11 +2,14 @@
 
 stderr shows rolling FPS and latency (preprocessing + inference per frame) and the top class;
 `--json` writes one JSON line per frame on stdout: {"frame", "source", "latency_ms", "top_k": [...]}.
+Ctrl-C (or SIGTERM) stops the stream: the summary of the frames classified so far is still printed,
+and the exit status is 130 (143).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections import deque
@@ -34,32 +37,45 @@ def command(args) -> int:
         stamps: deque[float] = deque(maxlen=WINDOW + 1)
         all_latencies = []
         count = 0
+        interrupted = None  # the signal number that stopped the stream
         started = time.perf_counter()
-        for index, (name, frame) in enumerate(frames):
-            if args.max_frames and index >= args.max_frames:
-                break
-            begin = time.perf_counter()
-            predictions = classifier.classify(frame, rgb=args.rgb, top_k=args.top_k)
-            end = time.perf_counter()
-            latency_ms = 1000.0 * (end - begin)
-            latencies.append(latency_ms)
-            all_latencies.append(latency_ms)
-            stamps.append(end)
-            count += 1
-            if args.json:
-                print(json.dumps({"frame": index, "source": name, "latency_ms": round(latency_ms, 3),
-                                  "top_k": [p._asdict() for p in predictions]}), flush=True)
-            fps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
-            best = predictions[0]
-            status.update(f"frame {index:>6}  {fps:6.1f} FPS  latency {np.median(latencies):7.2f} ms  "
-                          f"{best.name} ({best.probability:.1%})")
+        try:
+            for index, (name, frame) in enumerate(frames):
+                if args.max_frames and index >= args.max_frames:
+                    break
+                begin = time.perf_counter()
+                predictions = classifier.classify(frame, rgb=args.rgb, top_k=args.top_k)
+                end = time.perf_counter()
+                latency_ms = 1000.0 * (end - begin)
+                latencies.append(latency_ms)
+                all_latencies.append(latency_ms)
+                stamps.append(end)
+                count += 1
+                if args.json:
+                    print(json.dumps({"frame": index, "source": name, "latency_ms": round(latency_ms, 3),
+                                      "top_k": [p._asdict() for p in predictions]}), flush=True)
+                best = predictions[0]
+                status.update(f"frame {index:>6}  {_rolling_fps(stamps)} FPS  latency {np.median(latencies):7.2f} ms  "
+                              f"{best.name} ({best.probability:.1%})")
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM raised as one by the command line
+            interrupted = getattr(error, "signum", signal.SIGINT)
         if count == 0:
+            if interrupted:
+                status.done("interrupted before the first frame")
+                return 128 + interrupted
             raise PipelineError(f"--source {args.source}: no frames could be read")
         seconds = time.perf_counter() - started
         p50, p90, p99 = np.percentile(all_latencies, [50, 90, 99])
         status.done(f"{count} frames in {seconds:.2f} s ({count / seconds:.1f} FPS); latency per frame "
-                    f"p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms")
-    return 0
+                    f"p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms" + ("; interrupted" if interrupted else ""))
+    return 128 + interrupted if interrupted else 0
+
+
+def _rolling_fps(stamps) -> str:
+    """FPS over the window, once two frames have been timed ("—" before: nothing is measured yet)."""
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return f"{'—':>6}"
+    return f"{(len(stamps) - 1) / (stamps[-1] - stamps[0]):6.1f}"
 
 
 class _Status:

@@ -54,13 +54,14 @@ def open_source(spec: str) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _folder(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image under the folder, subfolders included (a camera's day folders), in path order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PipelineError(f"--source {folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
 
     def frames():
         for file in files:
-            yield file.name, read_image(file)
+            yield str(file.relative_to(folder)), read_image(file)
 
     return frames()
 

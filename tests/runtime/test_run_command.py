@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,21 +77,45 @@ def test_max_frames_stops_early(bundle, video, capsys):
 def test_run_on_an_image_folder_matches_the_reference(build, bundle, tmp_path):
     """As `python -m pipeline run` in its own process: top-1 of the folder's images against the torch reference."""
     folder = tmp_path / "images"
-    folder.mkdir()
+    (folder / "day2").mkdir(parents=True)
     paths = golden_paths(build, bundle)[:8]
-    for path in paths:
-        shutil.copy(path, folder)
+    names = {}  # as `run` names them: relative to the folder, subfolders included
+    for i, path in enumerate(paths):
+        relative = f"day2/{Path(path).name}" if i % 2 else Path(path).name
+        shutil.copy(path, folder / relative)
+        names[path] = relative
     (folder / "notes.txt").write_text("not an image")
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--artifact", str(bundle), "--source", str(folder),
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = _json_lines(done.stdout)
-    assert [line["source"] for line in lines] == sorted(Path(p).name for p in paths)
+    assert [line["source"] for line in lines] == sorted(names.values())
     reference = np.load(bundle / "golden" / "reference_logits.npy").argmax(1)
-    by_name = {Path(p).name: int(reference[i]) for i, p in enumerate(paths)}
+    by_name = {names[p]: int(reference[i]) for i, p in enumerate(paths)}
     agreement = np.mean([line["top_k"][0]["index"] == by_name[line["source"]] for line in lines])
     assert agreement >= 0.85
     assert "efficientnet_lite0" in done.stderr and "openvino" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_stream_still_prints_its_summary(build, bundle, tmp_path, signum):
+    """A long folder stream stopped after its first frame: the summary of what ran, exit 128 + signal."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    source = Path(golden_paths(build, bundle)[0])
+    for i in range(3000):  # links: minutes of frames, so the signal always lands mid-stream
+        (folder / f"{i:05d}.jpg").symlink_to(source)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--artifact", str(bundle), "--source",
+                                str(folder), "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    first = process.stdout.readline()  # the first frame is classified
+    assert json.loads(first)["frame"] == 0
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    summary = err.strip().splitlines()[-1]
+    assert "frames in" in summary and "p50" in summary and summary.endswith("; interrupted"), summary
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("source, message", [
