@@ -51,6 +51,7 @@ class QuantizationOptions:
     percentile: float = 99.99
     histogram_bins: int = 2048
     evaluation_images: int = 650
+    residual_adds: bool = False  # residual Adds read both inputs through Q/DQ (TensorRT's fusable placement)
     bias_correction: bool = True  # each INT8 Conv's bias corrected by its weight rounding's mean output shift
     decision_images: int = 480  # labelled train-sample/ images the gate decides on (never calibration images)
     sensitivity_images: int = 16

@@ -111,7 +111,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     reference = np.load(records["reference"].path(LOGITS_FILE))[:count]
     labels = ctx.labels(records["reference"])[:count]
     budget = config.budget("quantize", ctx.random_weights, labelled=bool((labels >= 0).any()))
-    tensors = quantized_activations(fp32_onnx)
+    tensors = quantized_activations(fp32_onnx, residual_adds=config.quantization.residual_adds)
     shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
     q = config.quantization
     rows = []
@@ -127,7 +127,8 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
                                        bins=q.histogram_bins, threads=ctx.threads,
                                        progress=ctx.progress(f"calibrating ({method})"))
             path = scratch / f"{method}.onnx"
-            write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts)
+            write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts,
+                            residual_adds=config.quantization.residual_adds)
             logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count, f"INT8 ONNX Runtime ({method})")
             result = compare(f"quantize ({method})", reference, logits, labels, budget)
             reporter.say(f"  calibration {method}: {result.summary()}")

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 def stage(config) -> Stage:
     q = config.quantization
     return Stage("calibrate", "activation ranges on calibration images", ("simplify",),
-                 {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins, "dla": for_dla(config)},
+                 {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins, "dla": for_dla(config),
+                  "residual_adds": q.residual_adds},
                  ("onnxruntime", "numpy"), produce_calibrate, TABLE_FILE, uses_calibration_images=True,
-                 modules=("calibration.statistics", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.dla",
+                 modules=("calibration.statistics", "calibration.thresholds", "pipeline.stages.quantize.qdq",
+                          "pipeline.stages.quantize.residual", "pipeline.stages.quantize.dla",
                           "targets.onnxruntime"))
 
 
@@ -39,7 +41,7 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
 
     source = inputs["simplify"].path(ONNX_FILE)
     q = ctx.config.quantization
-    tensors, dla = quantized_activations(source), None
+    tensors, dla = quantized_activations(source, residual_adds=q.residual_adds), None
     if for_dla(ctx.config):  # the same table then gives the Q/DQ ONNX and the DLA calibration cache
         share = shared_ranges(source)
         dla = {"tensors": list(dict.fromkeys(dla_tensors(source) + list(share))), "share": share}

@@ -164,6 +164,36 @@ def test_the_gate_never_decides_on_the_images_it_reports_on(tmp_path, imagenet, 
     assert "on 48 gate decision images" in verdict
 
 
+def test_residual_adds_in_int8_through_every_int8_stage(tmp_path, imagenet):
+    """quantization.residual_adds on a small desktop-gpu build: the calibration table ranges the residual
+    Conv outputs, every residual Add of the Q/DQ ONNX and of its FP16-typed copy reads two pairs, and both
+    stages pass their drift checks."""
+    import onnx
+
+    (tmp_path / "residual.yaml").write_text(
+        "data: {calibration_images: 32, evaluation_images: 16}\n"
+        "quantization: {residual_adds: true, evaluation_images: 32, decision_images: 32, sensitivity_images: 4}\n"
+        "drift: {quantize: {max_top1_drop: 5.0}, quantize_fp16: {max_top1_drop: 5.0}}\n")
+    args = ["build", "--model", "efficientnet_lite0", "--target", "desktop-gpu", "--imagenet", str(imagenet),
+            "--config", str(tmp_path / "residual.yaml"), "--build-dir", str(tmp_path / "build"), "--no-report"]
+    assert main(args) == 0
+    root = tmp_path / "build" / "efficientnet_lite0" / "desktop-gpu"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["drift"]["passed"] and manifest["stages"]["quantize_fp16"]["drift"]["passed"]
+    table = json.loads((root / "calibrate" / "calibration.json").read_text())["tensors"]
+    for stage in ("quantize", "quantize_fp16"):
+        graph = onnx.load(str(root / stage / "model.onnx")).graph
+        producers = {out: node.op_type for node in graph.node for out in node.output}
+        adds = [n for n in graph.node if n.op_type == "Add" and all(producers.get(i) != "Constant" for i in n.input)
+                and len({producers.get(i) for i in n.input} - {None}) > 0]
+        residual = [n for n in adds if all(producers.get(i) == "DequantizeLinear" for i in n.input)]
+        assert len(residual) == 9, (stage, len(residual))  # Lite0's 9 residual blocks
+    # The 9 residual Conv outputs: each its own pair, each ranged by the calibration table.
+    branches = [n.input[0] for n in onnx.load(str(root / "quantize" / "model.onnx")).graph.node
+                if n.op_type == "QuantizeLinear" and n.name.endswith("_residual_QuantizeLinear")]
+    assert len(branches) == 9 and all(name.endswith("_project_conv/Conv_output_0") and name in table for name in branches)
+
+
 @pytest.fixture
 def frames(tmp_path, imagenet) -> Path:
     """A camera's own frames: 40 unlabelled images in two subfolders, and one corrupt file."""

@@ -225,6 +225,32 @@ def test_the_block_runs_in_onnxruntime_close_to_float(block):
     assert logit_sqnr_db(reference, quantized) > 25
 
 
+def test_residual_adds_read_both_inputs_through_qdq_as_tensorrt_fuses(block):
+    """quantization.residual_adds: the Add reads the skip through its shared pair and the Conv output through
+    a pair of its own (the pattern TensorRT fuses into the INT8 conv); the model still runs close to float."""
+    from calibration.statistics import collect_ranges
+
+    assert quantized_activations(block["fp32"], residual_adds=True) == ["input", "t", "cat", "a"]
+    assert quantized_activations(block["fp32"], ["conv_a"], residual_adds=True) == ["input", "t", "cat"]
+    amax = {**block["amax"], **collect_ranges(block["fp32"], ["a"], [block["images"]], method="minmax").amax}
+    path = block["folder"] / "block_residual.onnx"
+    write_qdq_model(block["fp32"], amax, path, residual_adds=True)
+    graph = onnx.load(str(path)).graph
+    add = next(n for n in graph.node if n.name == "add")
+    skip, branch = (producer(graph, name) for name in add.input)
+    assert skip.op_type == branch.op_type == "DequantizeLinear"
+    shared = next(n for n in graph.node if n.name == "conv_a").input[0]
+    assert add.input[0] == shared  # the skip: the very pair conv_a, conv_b and the pool read
+    quantize = producer(graph, branch.input[0])
+    assert quantize.op_type == "QuantizeLinear" and quantize.input[0] == "a" and nodes_reading(graph, "a") == [quantize]
+    scale = next(i for i in graph.initializer if i.name == quantize.input[1])
+    assert numpy_helper.to_array(scale) == np.float32(amax["a"] / 127)
+    fp32, int8 = run_logits(block["fp32"], block["images"]), run_logits(path, block["images"])
+    assert logit_sqnr_db(fp32, int8) > 20
+    with pytest.raises(PipelineError, match="no range for 1 quantized tensors"):
+        write_qdq_model(block["fp32"], block["amax"], block["folder"] / "no_range.onnx", residual_adds=True)
+
+
 def test_missing_ranges_and_unknown_exclusions_fail_clearly(block):
     with pytest.raises(PipelineError, match="no range for 1 quantized tensors"):
         write_qdq_model(block["fp32"], {"input": 1.0, "t": 1.0}, block["folder"] / "x.onnx")

@@ -47,7 +47,8 @@ def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
         fallback = fallback_layers(gate, ctx.config.quantization.fallback_group)
         shutil.copyfile(inputs["quantize"].path(ONNX_FILE), models / "int8_qdq.onnx")
         shutil.copyfile(inputs["quantize_fp16"].path(ONNX_FILE), models / "int8_qdq_fp16.onnx")
-        _write_fallback(inputs, excluded + fallback, models / "int8_qdq_fallback.onnx")
+        _write_fallback(inputs, excluded + fallback, models / "int8_qdq_fallback.onnx",
+                        ctx.config.quantization.residual_adds)
         artifacts["int8"] = {
             "file": "models/int8_qdq.onnx", "kind": "onnx", "stage": "quantize",
             "strongly_typed": "models/int8_qdq_fp16.onnx", "fallback": "models/int8_qdq_fallback.onnx",
@@ -73,7 +74,7 @@ def fallback_layers(gate: dict, group: int) -> list[str]:
     return ranked[: 2 * group]
 
 
-def _write_fallback(inputs: dict, excluded: list[str], output: Path) -> None:
+def _write_fallback(inputs: dict, excluded: list[str], output: Path, residual_adds: bool) -> None:
     from calibration.statistics import CalibrationTable
     from pipeline.stages.quantize.qdq import write_qdq_model
 
@@ -81,7 +82,7 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path) -> None:
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
     write_qdq_model(inputs["simplify"].path(ONNX_FILE), table.amax, output, excluded,
-                    bias_shifts=saved_shifts(inputs["quantize"].folder))
+                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=residual_adds)
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

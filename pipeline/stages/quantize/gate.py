@@ -72,17 +72,18 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
 
     scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
     try:
-        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx")
+        residual = q.residual_adds
+        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", residual_adds=residual)
         shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
         if shifts:  # rank the layers as they will run: with their corrected biases
-            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts)
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, residual_adds=residual)
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
             ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"
-            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts)
+            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, residual_adds=residual)
             on_ort = judge("quantize", on_decision_images(OnnxRuntimeRunner(path, threads=ctx.threads),
                                                           f"INT8 ONNX Runtime, {len(excluded)} layers in float"))
             xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
@@ -123,7 +124,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
                 f"on {len(decision.crops)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
                 f"more fallback: quantization.max_fallback_layers)")
-        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts)
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, residual_adds=residual)
         # The stage's drift check: the chosen model, once, on the evaluation images.
         np.save(output.parent / LOGITS_FILE, ctx.predict(OnnxRuntimeRunner(output, threads=ctx.threads),
                                                          q.evaluation_images, "INT8 ONNX Runtime, the chosen model"))

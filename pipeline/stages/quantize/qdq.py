@@ -80,19 +80,25 @@ class QdqSummary:
 
 
 def quantized_activations(
-    model: "onnx.ModelProto | str | os.PathLike", exclude_nodes: Sequence[str] = ()
+    model: "onnx.ModelProto | str | os.PathLike", exclude_nodes: Sequence[str] = (), residual_adds: bool = False
 ) -> list[str]:
     """The activation tensors that carry Q/DQ under our placement, in graph order.
 
-    These are the inputs of the quantized Convs: the calibration table must give a range for each.
+    These are the inputs of the quantized Convs, and with `residual_adds` the Conv outputs that residual
+    Adds read (`pipeline.stages.quantize.residual`): the calibration table must give a range for each.
     """
     graph = _load(model).graph
     _check_excluded(graph, exclude_nodes)
     excluded = set(exclude_nodes)
     names: dict[str, None] = {}  # an ordered set
-    for node in _quantizable_convs(graph):
-        if node.name not in excluded:
-            names[node.input[0]] = None
+    convs = [node for node in _quantizable_convs(graph) if node.name not in excluded]
+    for node in convs:
+        names[node.input[0]] = None
+    if residual_adds:
+        from pipeline.stages.quantize.residual import residual_pairs
+
+        for _, conv_out, _ in residual_pairs(graph, {node.name for node in convs}, set(names)):
+            names[conv_out] = None
     return list(names)
 
 
@@ -102,12 +108,14 @@ def write_qdq_model(
     output_path: str | os.PathLike,
     exclude_nodes: Sequence[str] = (),
     bias_shifts: Mapping[str, np.ndarray] | None = None,
+    residual_adds: bool = False,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
     `amax` maps each tensor of `quantized_activations(...)` to its calibrated absolute maximum
     (extra entries are ignored). `exclude_nodes` names Convs to keep in float (fallback).
     `bias_shifts` (from `pipeline.stages.quantize.bias`): the bias correction of each INT8 Conv.
+    `residual_adds`: residual Adds read both inputs through Q/DQ (`pipeline.stages.quantize.residual`).
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -126,11 +134,17 @@ def write_qdq_model(
     model = update_opset_version(model, QuantType.QInt8, QuantType.QInt8)
     _constants_to_initializers(model.graph)
     tensors = quantized_activations(model, exclude_nodes)
+    quantized = [n.name for n in _quantizable_convs(model.graph) if n.name not in set(exclude_nodes)]
+    pairs = []
+    if residual_adds:
+        from pipeline.stages.quantize.residual import place_residual_pairs, residual_pairs
+
+        pairs = residual_pairs(model.graph, set(quantized), set(tensors))
+        _checked_amax(amax, [conv_out for _, conv_out, _ in pairs])
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(-value), highest=np.float32(value))
         for name, value in _checked_amax(amax, tensors).items()
     })
-    quantized = [n.name for n in _quantizable_convs(model.graph) if n.name not in set(exclude_nodes)]
 
     quantizer = QDQQuantizer(
         model,
@@ -158,6 +172,8 @@ def write_qdq_model(
     finally:
         root_logger.setLevel(level)
     _restore_float_consumers(qdq.graph, set(quantized))
+    if pairs:
+        place_residual_pairs(qdq, pairs, amax)
     if bias_shifts:
         from pipeline.stages.quantize.bias import apply_shifts
 
