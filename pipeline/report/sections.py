@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.report import formats as fmt
+from pipeline.report.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
 from pipeline.report.plots import calibration_plot, sensitivity_plot, stages_plot
 from pipeline.report.collect import Build, resolve_image
 from pipeline.report.verdict import budget_checks, headline_blocks
@@ -89,17 +89,17 @@ def stage_section(report: dict, images: dict) -> dict:
         if drift is None:
             if row["stage"] == "reference":
                 rows.append(["reference", "fp32 (torch)", str(reference.get("images", "—")),
-                             fmt.percent(reference.get("top1")), fmt.percent(reference.get("top5")), "—", "—", "—",
+                             percent(reference.get("top1")), percent(reference.get("top5")), "—", "—", "—",
                              "—", "—", "—", "—", "—", "—", f"the reference ({reference.get('distinct_classes', '?')} distinct classes predicted)"])
             continue
         rows.append([
             row["stage"], row["precision_ran"] or "?", str(drift["images"]),
-            fmt.percent_change(drift.get("ref_top1"), drift.get("top1")),
-            fmt.percent_change(drift.get("ref_top5"), drift.get("top5")), fmt.pct(drift.get("agreement")),
+            percent_change(drift.get("ref_top1"), drift.get("top1")),
+            percent_change(drift.get("ref_top5"), drift.get("top5")), pct(drift.get("agreement")),
             "—" if drift.get("flips_lost") is None else f"{drift['flips_lost']} / {drift['flips_gained']}",
-            fmt.cosine(drift.get("cosine")), fmt.sqnr(drift.get("sqnr_db")), fmt.abs_diff(drift.get("max_abs")),
-            fmt.abs_diff(drift.get("max_abs_rel")),
-            f"{fmt.cosine(drift.get('centred_cosine'))} / {fmt.sqnr(drift.get('centred_sqnr_db'))}",
+            cosine(drift.get("cosine")), sqnr(drift.get("sqnr_db")), abs_diff(drift.get("max_abs")),
+            abs_diff(drift.get("max_abs_rel")),
+            f"{cosine(drift.get('centred_cosine'))} / {sqnr(drift.get('centred_sqnr_db'))}",
             _size(row["size_bytes"]), latency_text, drift_verdict(drift),
         ])
     blocks = []
@@ -142,9 +142,9 @@ def preprocessing_section(row: dict) -> dict:
     if "drift" not in row:
         return {"title": "Deployment preprocessing", "blocks": [("text", f"Not measured: {row['note']}.")]}
     drift = row["drift"]
-    table = ["deployment preprocessing", str(drift["images"]), fmt.pct(drift.get("agreement")),
-             fmt.percent_change(drift.get("ref_top1"), drift.get("top1")), fmt.cosine(drift.get("cosine")),
-             fmt.sqnr(drift.get("sqnr_db")), fmt.abs_diff(drift.get("max_abs"))]
+    table = ["deployment preprocessing", str(drift["images"]), pct(drift.get("agreement")),
+             percent_change(drift.get("ref_top1"), drift.get("top1")), cosine(drift.get("cosine")),
+             sqnr(drift.get("sqnr_db")), abs_diff(drift.get("max_abs"))]
     return {"title": "Deployment preprocessing", "blocks": [
         ("text", "The deployed artifact on frames preprocessed the camera runtime's fast way, against the torch "
                  "FP32 reference on PIL-bicubic crops: the preprocessing's own drift, on top of the model's."),
@@ -163,7 +163,7 @@ def sensitivity_section(sensitivity: dict, images: dict) -> dict:
         blocks.append(("figure", "sensitivity.png", "Per-layer sensitivity (red: kept in float)"))
     attempts = [[str(a["excluded_count"]), "pass" if a["passed"] else "over budget",
                  f"{a['figure_name']}: {gate_figure_text(a['figure_name'], a['figure'])}",
-                 " / ".join(fmt.pct(v) for v in (a.get("agreement") or {}).values())]
+                 " / ".join(pct(v) for v in (a.get("agreement") or {}).values())]
                 for a in sensitivity["attempts"]]
     if attempts:
         decided = sensitivity.get("decided_on") or {}
@@ -178,10 +178,10 @@ def sensitivity_section(sensitivity: dict, images: dict) -> dict:
 def gate_figure_text(name: str | None, value) -> str:
     """The gate's figure (pipeline.stages.quantize.gate.gate_figure) in the report's one format for it."""
     if name == "top-1 agreement":
-        return fmt.pct(value)
+        return pct(value)
     if name and name.startswith("top-1 drop"):
-        return fmt.points(value)
-    return fmt.cosine(value) if name and "cosine" in name else _number(value, ".4g")
+        return points(value)
+    return cosine(value) if name and "cosine" in name else _number(value, ".4g")
 
 
 def calibration_section(comparison: dict, images: dict) -> dict:
@@ -191,9 +191,9 @@ def calibration_section(comparison: dict, images: dict) -> dict:
     for row in comparison["methods"]:
         drift = row["drift"]
         rows.append([row["method"] + (" (this build)" if row["build_method"] else ""), str(row["calibration_images"]),
-                     fmt.percent_change(drift.get("ref_top1"), drift.get("top1")), fmt.pct(drift.get("agreement")),
+                     percent_change(drift.get("ref_top1"), drift.get("top1")), pct(drift.get("agreement")),
                      "—" if drift.get("flips_lost") is None else f"{drift['flips_lost']} / {drift['flips_gained']}",
-                     fmt.cosine(drift.get("cosine")), fmt.sqnr(drift.get("sqnr_db")), drift_verdict(drift)])
+                     cosine(drift.get("cosine")), sqnr(drift.get("sqnr_db")), drift_verdict(drift)])
     methods = comparison["methods"]
     images["calibration.png"] = calibration_plot([m["method"] for m in methods],
                                                  [m["drift"].get("top1") for m in methods],

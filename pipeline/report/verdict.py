@@ -8,17 +8,17 @@ artifact within its budget among the stage rows that were timed here (`pipeline.
 
 from __future__ import annotations
 
-from pipeline.report import formats
+from pipeline.report.formats import abs_diff, cosine, pct, percent, points, sqnr
 
 # budget key -> (figure name, how the figure is read off a drift dict, formatter, comparison)
 _BUDGETS = {
-    "min_agreement": ("top-1 agreement", lambda d: d.get("agreement"), formats.pct, "≥"),
-    "max_top1_drop": ("top-1 drop", lambda d: _drop(d), formats.points, "≤"),
-    "min_cosine": ("mean cosine", lambda d: d.get("cosine"), formats.cosine, "≥"),
-    "max_abs_rel": ("relative max abs diff", lambda d: d.get("max_abs_rel"), formats.abs_diff, "≤"),
-    "min_sqnr_db": ("SQNR", lambda d: d.get("sqnr_db"), formats.sqnr, "≥"),
-    "min_centred_cosine": ("centred cosine", lambda d: d.get("centred_cosine"), formats.cosine, "≥"),
-    "min_centred_sqnr_db": ("centred SQNR", lambda d: d.get("centred_sqnr_db"), formats.sqnr, "≥"),
+    "min_agreement": ("top-1 agreement", lambda d: d.get("agreement"), pct, "≥"),
+    "max_top1_drop": ("top-1 drop", lambda d: _drop(d), points, "≤"),
+    "min_cosine": ("mean cosine", lambda d: d.get("cosine"), cosine, "≥"),
+    "max_abs_rel": ("relative max abs diff", lambda d: d.get("max_abs_rel"), abs_diff, "≤"),
+    "min_sqnr_db": ("SQNR", lambda d: d.get("sqnr_db"), sqnr, "≥"),
+    "min_centred_cosine": ("centred cosine", lambda d: d.get("centred_cosine"), cosine, "≥"),
+    "min_centred_sqnr_db": ("centred SQNR", lambda d: d.get("centred_sqnr_db"), sqnr, "≥"),
 }
 GPU_INT8_STAGES = ("quantize", "quantize_fp16")
 
@@ -106,9 +106,9 @@ def recommendation(rows: list[dict]) -> dict:
     best = min(within, key=lambda row: row["latency"]["median_ms"])
     drift = best["drift"]
     if drift.get("top1") is not None:
-        accuracy = f"top-1 {formats.percent(drift['top1'])} (FP32 {formats.percent(drift.get('ref_top1'))})"
+        accuracy = f"top-1 {percent(drift['top1'])} (FP32 {percent(drift.get('ref_top1'))})"
     else:
-        accuracy = f"top-1 agreement with FP32 {formats.pct(drift.get('agreement'))}"
+        accuracy = f"top-1 agreement with FP32 {pct(drift.get('agreement'))}"
     accuracy += f" on {drift.get('images')} images"
     text = (f"Recommended on this machine: {best['stage']} ({best.get('artifact')}), the fastest artifact within its "
             f"budget: {best['latency']['median_ms']:.2f} ms p50 at batch 1, {accuracy}")
