@@ -108,8 +108,11 @@ def test_headline_decides_from_the_manifest(built, tmp_path):
     assert drift["passed"] and report["verdict"]["ready"] is True
     assert report["verdict"]["text"] == "INT8 ready to ship: yes"
     assert list(report["verdict"]["stages"]) == ["openvino_int8"]
-    agreement = f"top-1 agreement {100 * drift['agreement']:.1f}% (within budget ≥ {100 * drift['budget']['min_agreement']:.1f}%)"
-    assert agreement in [c["text"] for c in report["verdict"]["stages"]["openvino_int8"]["checks"]]
+    checks = report["verdict"]["stages"]["openvino_int8"]["checks"]
+    assert {c["budget"] for c in checks} == {v for v in drift["budget"].values() if v is not None}
+    drop = drift["ref_top1"] - drift["top1"]  # SMALL_INT8's budget: max_top1_drop 50
+    beside = f"top-1 drop {drop:.1f} points (within budget ≤ 50.0 points)"  # the figure beside its budget
+    assert beside in [c["text"] for c in checks]
     rows = {row["stage"]: row for row in report["stages"]}
     timed = [r for r in rows.values() if r["latency"] and r["drift"] and r["drift"]["passed"]]
     fastest = min(timed, key=lambda r: r["latency"]["median_ms"])
@@ -117,14 +120,11 @@ def test_headline_decides_from_the_manifest(built, tmp_path):
     assert f"{fastest['latency']['median_ms']:.2f} ms p50" in report["recommendation"]["text"]
     markdown = (built / "report" / "report.md").read_text()
     head = markdown.split("## ")[0]  # the top section, before the stage table
-    assert "INT8 ready to ship: yes." in head and report["recommendation"]["text"] in head and agreement in head
+    assert "INT8 ready to ship: yes." in head and report["recommendation"]["text"] in head and beside in head
     assert escape("INT8 ready to ship: yes.") in (built / "report" / "report.html").read_text().split("<h2>")[0]
 
     copy = tmp_path / "copy"
-    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("check_*", "bundle*"))
-    for name in manifest["stages"]:  # the flips read check logits: keep them
-        if (built / f"check_{name}").is_dir():
-            shutil.copytree(built / f"check_{name}", copy / f"check_{name}")
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("bundle*"))  # report/cache.json too: no re-timing
     failed = json.loads(json.dumps(manifest))
     int8 = failed["stages"]["openvino_int8"]["drift"]
     int8["budget"]["min_sqnr_db"] = round(int8["sqnr_db"] + 10.0, 1)
