@@ -46,13 +46,14 @@ def budget_checks(drift: dict) -> list[dict]:
         name, read, show, sign = _BUDGETS[key]
         value = read(drift)
         if value is None and key == "max_top1_drop":
-            checks.append({"figure": name, "value": None, "budget": limit, "within": None,
+            checks.append({"figure": name, "value": None, "budget": limit, "within": None, "shown": "not measured (no labels)",
+                           "limit": f"{sign} {show(limit)}",
                            "text": f"{name} not measured (no labels) (budget {sign} {show(limit)})"})
             continue
         number = _number(value)
         within = number >= limit if sign == "≥" else number <= limit  # NaN is never within
-        checks.append({"figure": name, "value": value, "budget": limit, "within": within,
-                       "text": f"{name} {show(value)} ({'within' if within else 'past'} budget {sign} {show(limit)})"})
+        checks.append({"figure": name, "value": value, "budget": limit, "within": within, "shown": show(value),
+                       "limit": f"{sign} {show(limit)}", "text": f"{name} {show(value)} ({'within' if within else 'past'} budget {sign} {show(limit)})"})
     return checks
 
 
@@ -120,9 +121,10 @@ def headline_blocks(report: dict) -> list[tuple]:
     """The top of the report: the verdict, each budget beside its figure, the recommendation."""
     decision = report["verdict"]
     blocks: list[tuple] = [("warning" if decision["ready"] is False else "text", decision["text"] + ".")]
-    rows = [[stage, str(info["images"] or "—"), check["figure"], check["text"]]
+    rows = [[stage, str(info["images"] or "—"), check["figure"], check["shown"], check["limit"],
+             {True: "within", False: "PAST BUDGET", None: "not measured"}[check["within"]]]
             for stage, info in decision["stages"].items() for check in info["checks"]]
     if rows:
-        blocks.append(("table", ["deployed INT8 stage", "images", "figure", "figure and budget"], rows))
+        blocks.append(("table", ["deployed INT8 stage", "images", "figure", "value", "budget", "verdict"], rows))
     blocks.append(("text", report["recommendation"]["text"] + "."))
     return blocks

@@ -60,6 +60,9 @@ def test_a_stage_over_its_budget_says_no_and_why():
                                 f"SQNR {drift['sqnr_db']:.1f} dB (past budget ≥ 15.0 dB)")
     blocks = headline_blocks({"verdict": decision, "recommendation": {"text": "x"}})
     assert blocks[0] == ("warning", decision["text"] + ".")
+    assert blocks[1][2] == [["openvino_int8", "200", "top-1 agreement", f"{100 * drift['agreement']:.1f}%", "≥ 95.0%",
+                             "PAST BUDGET"], ["openvino_int8", "200", "SQNR", f"{drift['sqnr_db']:.1f} dB", "≥ 15.0 dB",
+                                              "PAST BUDGET"]]
 
 
 def test_the_verdict_follows_the_manifests_passed_flag():
