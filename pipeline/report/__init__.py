@@ -11,7 +11,8 @@ The content is collected once into a JSON-ready dict (report.json) plus a list o
 paragraphs, tables, figures, thumbnails) that `markdown` and `html` both render. Modules:
 collect (reading the build), cache (report/cache.json), latency (the stage rows and their timing),
 preprocessing (the deployment preprocessing row), calibration_methods (the opt-in comparison that
-re-runs calibration), sections, markdown, html, plots.
+re-runs calibration), verdict (the headline: INT8 ready to ship, the recommended artifact), formats
+(one representation of each metric), sections, markdown, html, plots.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.report.collect import MANIFEST, read_manifest
 from pipeline.report.latency import stage_rows
 from pipeline.report.markdown import render_markdown
 from pipeline.report.preprocessing import preprocessing_row
+from pipeline.report.verdict import recommendation, verdict
 
 __all__ = ["CALIBRATION_METHODS", "REPORT_DIR", "REPORT_FORMAT", "assemble", "command", "compare_calibration_methods",
            "find_builds", "read_manifest", "render_markdown", "write_report"]
@@ -100,6 +102,8 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
     random = bool(manifest.get("weights", {}).get("random"))
     report = {
         "format": REPORT_FORMAT,
+        "verdict": verdict(manifest, random),  # the headline: INT8 ready to ship, and why not
+        "recommendation": None,  # the fastest artifact within its budget here (filled from the stage rows)
         "model": manifest.get("model"),
         "target": manifest.get("target"),
         "precision": manifest.get("precision"),
@@ -116,11 +120,10 @@ def assemble(root: Path, manifest: dict, cache: dict, latency_seconds: float, co
     }
     missing = report["missing"]
     images: dict[str, bytes] = {}
-    sections: list[dict] = [make.summary_section(report, build)]
-
     report["reference"] = collect.reference_summary(build)
     report["stages"] = stage_rows(build, cache, latency_seconds, say, missing)
-    sections.append(make.stage_section(report, images))
+    report["recommendation"] = recommendation(report["stages"])
+    sections: list[dict] = [make.summary_section(report, build), make.stage_section(report, images)]
     report["deployment_preprocessing"] = preprocessing_row(build, cache, say, missing)
     sections.append(make.preprocessing_section(report["deployment_preprocessing"]))
     report["sensitivity"] = collect.sensitivity(build, missing)

@@ -62,9 +62,10 @@ def sensitivity_plot(ranking: list[dict], kept_in_float: list[str]) -> bytes:
     return _png(figure)
 
 
-def stages_plot(stages: list[str], top1: list[float | None], agreement: list[float], sqnr_db: list) -> bytes:
-    """Top-1, agreement with FP32 and SQNR per stage, side by side."""
-    return _accuracy_and_sqnr(stages, top1, agreement, sqnr_db, "Accuracy per stage", zoom=False)
+def stages_plot(stages: list[str], top1: list[float | None], agreement: list[float], sqnr_db: list,
+                title: str = "Accuracy per stage") -> bytes:
+    """Top-1, agreement with FP32 and SQNR per stage, side by side (stages judged on the same images only)."""
+    return _accuracy_and_sqnr(stages, top1, agreement, sqnr_db, title, zoom=False)
 
 
 def calibration_plot(methods: list[str], top1: list[float | None], agreement: list[float], sqnr_db: list) -> bytes:

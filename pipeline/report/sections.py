@@ -12,8 +12,10 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.report.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
 from pipeline.report.plots import calibration_plot, sensitivity_plot, stages_plot
 from pipeline.report.collect import Build, resolve_image
+from pipeline.report.verdict import budget_checks, headline_blocks
 
 MAX_FLIP_THUMBNAILS = 48
 THUMBNAIL_SIZE = 160
@@ -23,7 +25,7 @@ BENCHMARK_HIDDEN = {"key", "artifact"}  # internal names and long paths: the bac
 
 def summary_section(report: dict, build: Build) -> dict:
     manifest = build.manifest
-    blocks = []
+    blocks = headline_blocks(report)
     if report["random_weights"]:
         blocks.append(("warning", "RANDOM WEIGHTS: this build's network was never trained. Accuracy, agreement "
                        "and changed predictions below mean nothing; drift is judged on mean-centred logits "
@@ -72,8 +74,9 @@ def _weights_text(weights: dict) -> str:
 
 
 def stage_section(report: dict, images: dict) -> dict:
-    headers = ["stage", "ran in", "images", "top-1 %", "top-5 %", "agreement", "flips lost/gained", "cosine",
-               "SQNR dB", "max abs diff", "centred cos / SQNR", "size", "latency p50 / p99 ms", "verdict"]
+    headers = ["stage", "ran in", "images", "top-1", "top-5", "agreement", "flips lost/gained", "cosine",
+               "SQNR", "max abs diff", "relative max abs diff", "centred cos / SQNR", "size", "latency p50 / p99 ms",
+               "verdict"]
     rows = []
     reference = report["reference"]
     notes = []
@@ -86,18 +89,18 @@ def stage_section(report: dict, images: dict) -> dict:
         if drift is None:
             if row["stage"] == "reference":
                 rows.append(["reference", "fp32 (torch)", str(reference.get("images", "—")),
-                             _pct(reference.get("top1")), _pct(reference.get("top5")), "—", "—", "—", "—", "—", "—",
-                             "—", "—", f"the reference ({reference.get('distinct_classes', '?')} distinct classes predicted)"])
+                             percent(reference.get("top1")), percent(reference.get("top5")), "—", "—", "—",
+                             "—", "—", "—", "—", "—", "—", f"the reference ({reference.get('distinct_classes', '?')} distinct classes predicted)"])
             continue
         rows.append([
             row["stage"], row["precision_ran"] or "?", str(drift["images"]),
-            _change(drift.get("ref_top1"), drift.get("top1")), _change(drift.get("ref_top5"), drift.get("top5")),
-            f"{drift['agreement']:.2%}",
+            percent_change(drift.get("ref_top1"), drift.get("top1")),
+            percent_change(drift.get("ref_top5"), drift.get("top5")), pct(drift.get("agreement")),
             "—" if drift.get("flips_lost") is None else f"{drift['flips_lost']} / {drift['flips_gained']}",
-            f"{drift['cosine']:.6f}", _number(drift.get("sqnr_db"), ".1f"), _number(drift.get("max_abs"), ".3g"),
-            f"{_number(drift.get('centred_cosine'), '.4f')} / {_number(drift.get('centred_sqnr_db'), '.1f')}",
-            _size(row["size_bytes"]), latency_text,
-            "pass" if drift.get("passed") else "FAIL: " + "; ".join(drift.get("failures", [])),
+            cosine(drift.get("cosine")), sqnr(drift.get("sqnr_db")), abs_diff(drift.get("max_abs")),
+            abs_diff(drift.get("max_abs_rel")),
+            f"{cosine(drift.get('centred_cosine'))} / {sqnr(drift.get('centred_sqnr_db'))}",
+            _size(row["size_bytes"]), latency_text, drift_verdict(drift),
         ])
     blocks = []
     if report["random_weights"]:
@@ -106,28 +109,46 @@ def stage_section(report: dict, images: dict) -> dict:
     blocks += [("text", "Every stage against the torch FP32 reference on the first N evaluation images (top-1: "
                         "reference → stage; flips: images right in FP32 and wrong in the stage / the reverse)."),
                ("table", headers, rows)]
-    checked = [row for row in report["stages"] if row["drift"] is not None]
-    if checked:
-        images["stages.png"] = stages_plot([r["stage"] for r in checked], [r["drift"].get("top1") for r in checked],
-                                           [r["drift"]["agreement"] for r in checked],
-                                           [r["drift"].get("sqnr_db") for r in checked])
-        blocks.append(("figure", "stages.png", "Accuracy and SQNR per stage"))
+    for count, group in stage_groups(report["stages"]).items():  # never figures of different image sets in one chart
+        name = f"stages_{count}.png"
+        images[name] = stages_plot([r["stage"] for r in group], [r["drift"].get("top1") for r in group],
+                                   [r["drift"]["agreement"] for r in group], [r["drift"].get("sqnr_db") for r in group],
+                                   title=f"Accuracy per stage, on {count} images")
+        blocks.append(("figure", name, f"Accuracy and SQNR of the stages judged on {count} images: "
+                                       + ", ".join(r["stage"] for r in group)))
     if notes:
         blocks.append(("list", notes))
     return {"title": "Stages", "blocks": blocks}
+
+
+def stage_groups(rows: list[dict]) -> dict[int, list[dict]]:
+    """The checked stage rows by the number of images they were judged on (one chart each)."""
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        if row["drift"] is not None:
+            groups.setdefault(int(row["drift"]["images"]), []).append(row)
+    return groups
+
+
+def drift_verdict(drift: dict) -> str:
+    """"pass", or "FAIL: " and each budget missed beside its figure (the manifest's reasons when none is)."""
+    if drift.get("passed"):
+        return "pass"
+    past = [check["text"] for check in budget_checks(drift) if check["within"] is False]
+    return "FAIL: " + "; ".join(past or drift.get("failures") or ["failed"])
 
 
 def preprocessing_section(row: dict) -> dict:
     if "drift" not in row:
         return {"title": "Deployment preprocessing", "blocks": [("text", f"Not measured: {row['note']}.")]}
     drift = row["drift"]
-    table = ["deployment preprocessing", str(drift["images"]), f"{drift['agreement']:.2%}",
-             _change(drift.get("ref_top1"), drift.get("top1")), f"{drift['cosine']:.6f}",
-             _number(drift.get("sqnr_db"), ".1f"), _number(drift.get("max_abs"), ".3g")]
+    table = ["deployment preprocessing", str(drift["images"]), pct(drift.get("agreement")),
+             percent_change(drift.get("ref_top1"), drift.get("top1")), cosine(drift.get("cosine")),
+             sqnr(drift.get("sqnr_db")), abs_diff(drift.get("max_abs"))]
     return {"title": "Deployment preprocessing", "blocks": [
         ("text", "The deployed artifact on frames preprocessed the camera runtime's fast way, against the torch "
                  "FP32 reference on PIL-bicubic crops: the preprocessing's own drift, on top of the model's."),
-        ("table", ["row", "images", "agreement", "top-1 %", "cosine", "SQNR dB", "max abs diff"], [table])]}
+        ("table", ["row", "images", "agreement", "top-1", "cosine", "SQNR", "max abs diff"], [table])]}
 
 
 def sensitivity_section(sensitivity: dict, images: dict) -> dict:
@@ -141,8 +162,8 @@ def sensitivity_section(sensitivity: dict, images: dict) -> dict:
         images["sensitivity.png"] = sensitivity_plot(sensitivity["ranking"], kept)
         blocks.append(("figure", "sensitivity.png", "Per-layer sensitivity (red: kept in float)"))
     attempts = [[str(a["excluded_count"]), "pass" if a["passed"] else "over budget",
-                 f"{a['figure_name']}: {_number(a['figure'], '.4g')}",
-                 " / ".join(_number(100 * v, ".1f") if v is not None else "-" for v in (a.get("agreement") or {}).values())]
+                 f"{a['figure_name']}: {gate_figure_text(a['figure_name'], a['figure'])}",
+                 " / ".join(pct(v) for v in (a.get("agreement") or {}).values())]
                 for a in sensitivity["attempts"]]
     if attempts:
         decided = sensitivity.get("decided_on") or {}
@@ -150,8 +171,17 @@ def sensitivity_section(sensitivity: dict, images: dict) -> dict:
             blocks.append(("text", f"The gate's trade-off, seen on its own {decided['images']} decision images "
                                    "(train-sample/, never calibration images; the figures reported elsewhere are on "
                                    "the evaluation images, which the gate never reads):"))
-        blocks.append(("table", ["layers in float", "gate verdict", "figure", "agreement % ORT / OpenVINO"], attempts))
+        blocks.append(("table", ["layers in float", "gate verdict", "figure", "agreement ORT / OpenVINO"], attempts))
     return {"title": "Per-layer sensitivity", "blocks": blocks}
+
+
+def gate_figure_text(name: str | None, value) -> str:
+    """The gate's figure (pipeline.stages.quantize.gate.gate_figure) in the report's one format for it."""
+    if name == "top-1 agreement":
+        return pct(value)
+    if name and name.startswith("top-1 drop"):
+        return points(value)
+    return cosine(value) if name and "cosine" in name else _number(value, ".4g")
 
 
 def calibration_section(comparison: dict, images: dict) -> dict:
@@ -161,10 +191,9 @@ def calibration_section(comparison: dict, images: dict) -> dict:
     for row in comparison["methods"]:
         drift = row["drift"]
         rows.append([row["method"] + (" (this build)" if row["build_method"] else ""), str(row["calibration_images"]),
-                     _change(drift.get("ref_top1"), drift.get("top1")), f"{drift['agreement']:.2%}",
+                     percent_change(drift.get("ref_top1"), drift.get("top1")), pct(drift.get("agreement")),
                      "—" if drift.get("flips_lost") is None else f"{drift['flips_lost']} / {drift['flips_gained']}",
-                     f"{drift['cosine']:.6f}", _number(drift.get("sqnr_db"), ".1f"),
-                     "pass" if drift["passed"] else "FAIL: " + "; ".join(drift["failures"])])
+                     cosine(drift.get("cosine")), sqnr(drift.get("sqnr_db")), drift_verdict(drift)])
     methods = comparison["methods"]
     images["calibration.png"] = calibration_plot([m["method"] for m in methods],
                                                  [m["drift"].get("top1") for m in methods],
@@ -174,8 +203,8 @@ def calibration_section(comparison: dict, images: dict) -> dict:
                        f"percentile {comparison['percentile']}, {comparison['bins']} histogram bins; the same "
                        f"{len(comparison['kept_in_float'])} layers in float as the gate chose), in ONNX Runtime on "
                        f"{comparison['images']} INT8 evaluation images, judged on the quantize budget."),
-              ("table", ["method", "calibration images", "top-1 %", "agreement", "flips lost/gained", "cosine",
-                         "SQNR dB", "verdict"], rows),
+              ("table", ["method", "calibration images", "top-1", "agreement", "flips lost/gained", "cosine",
+                         "SQNR", "verdict"], rows),
               ("figure", "calibration.png", "Calibration methods compared")]
     if comparison.get("note"):
         blocks.insert(0, ("warning", comparison["note"]))
@@ -286,14 +315,6 @@ def _cell(value) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)
-
-
-def _pct(value) -> str:
-    return "—" if value is None else f"{value:.2f}"
-
-
-def _change(reference, value) -> str:
-    return "—" if value is None else f"{reference:.2f} → {value:.2f}"
 
 
 def _number(value, spec: str) -> str:

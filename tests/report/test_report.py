@@ -8,6 +8,7 @@ writes its report through `build` itself.
 
 import json
 import re
+import shutil
 import subprocess
 from html import escape
 from pathlib import Path
@@ -55,13 +56,15 @@ def _report(root: Path) -> dict:
 
 def test_report_files_are_written_with_their_figures(built):
     folder = built / "report"
-    for name in ("report.md", "report.json", "report.html", "stages.png", "sensitivity.png", "calibration.png"):
+    for name in ("report.md", "report.json", "report.html", "sensitivity.png", "calibration.png"):
         assert (folder / name).is_file(), name
+    # One stage chart per image set: the float stages on the 32 evaluation images, the INT8 ones on 256.
+    assert {png.name for png in folder.glob("stages_*.png")} == {"stages_32.png", "stages_256.png"}
     for png in folder.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     markdown = (folder / "report.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert {"stages.png", "sensitivity.png", "calibration.png"} <= set(linked)
+    assert {"stages_32.png", "stages_256.png", "sensitivity.png", "calibration.png"} <= set(linked)
     assert all((folder / name).is_file() for name in linked)  # every figure of the markdown lies beside it
     html = (folder / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', html)
@@ -90,8 +93,51 @@ def test_stage_figures_are_the_manifests(built):
     assert report["reference"]["top1"] == pytest.approx(100.0 * np.mean(reference.argmax(1) == truth))
     quantize = manifest["stages"]["quantize"]["drift"]
     markdown = (built / "report" / "report.md").read_text()
-    assert f"{quantize['ref_top1']:.2f} → {quantize['top1']:.2f}" in markdown
+    assert f"{quantize['ref_top1']:.1f}% → {quantize['top1']:.1f}%" in markdown
     assert f"{quantize['cosine']:.6f}" in markdown
+
+
+def test_headline_decides_from_the_manifest(built, tmp_path):
+    """The verdict and the recommendation at the top of all three files; a copy of the build whose
+    deployed INT8 IR is marked over budget in its manifest says no, naming the figure and budget."""
+    from pipeline.report import write_report
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    report = _report(built)
+    drift = manifest["stages"]["openvino_int8"]["drift"]
+    assert drift["passed"] and report["verdict"]["ready"] is True
+    assert report["verdict"]["text"] == "INT8 ready to ship: yes"
+    assert list(report["verdict"]["stages"]) == ["openvino_int8"]
+    checks = report["verdict"]["stages"]["openvino_int8"]["checks"]
+    assert {c["budget"] for c in checks} == {v for v in drift["budget"].values() if v is not None}
+    drop = drift["ref_top1"] - drift["top1"]  # SMALL_INT8's budget: max_top1_drop 50
+    beside = f"top-1 drop {drop:.1f} points (within budget ≤ 50.0 points)"  # the figure beside its budget
+    assert beside in [c["text"] for c in checks]
+    rows = {row["stage"]: row for row in report["stages"]}
+    timed = [r for r in rows.values() if r["latency"] and r["drift"] and r["drift"]["passed"]]
+    fastest = min(timed, key=lambda r: r["latency"]["median_ms"])
+    assert report["recommendation"]["stage"] == fastest["stage"]
+    assert f"{fastest['latency']['median_ms']:.2f} ms p50" in report["recommendation"]["text"]
+    markdown = (built / "report" / "report.md").read_text()
+    head = markdown.split("## ")[0]  # the top section, before the stage table
+    assert "INT8 ready to ship: yes." in head and report["recommendation"]["text"] in head
+    assert f"| openvino_int8 | {drift['images']} | top-1 drop | {drop:.1f} points | ≤ 50.0 points | within |" in head
+    assert escape("INT8 ready to ship: yes.") in (built / "report" / "report.html").read_text().split("<h2>")[0]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("bundle*"))  # report/cache.json too: no re-timing
+    failed = json.loads(json.dumps(manifest))
+    int8 = failed["stages"]["openvino_int8"]["drift"]
+    int8["budget"]["min_sqnr_db"] = round(int8["sqnr_db"] + 10.0, 1)
+    int8.update(passed=False, failures=[f"SQNR {int8['sqnr_db']:.1f} dB < {int8['budget']['min_sqnr_db']:.1f} dB"])
+    (copy / "manifest.json").write_text(json.dumps(failed))
+    write_report(copy, latency_seconds=0.2)
+    again = _report(copy)
+    expected = (f"INT8 ready to ship: no, because openvino_int8 is over its drift budget: SQNR {int8['sqnr_db']:.1f} dB "
+                f"(past budget ≥ {int8['budget']['min_sqnr_db']:.1f} dB)")
+    assert again["verdict"]["ready"] is False and again["verdict"]["text"] == expected
+    assert again["recommendation"]["stage"] != "openvino_int8"
+    assert f"> **WARNING:** {expected}." in (copy / "report" / "report.md").read_text().split("## ")[0]
 
 
 def test_sensitivity_lists_the_gates_ranking(built):
