@@ -15,8 +15,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from pipeline.drift import DriftBudget
-
-GATE_BUDGET = "gate"  # drift.gate: what the INT8 gate asks of both back ends beyond their stage budgets
 from pipeline.errors import PipelineError
 from calibration import METHODS as CALIBRATION_METHODS
 from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
@@ -24,6 +22,7 @@ from targets.openvino import AUTO, INFERENCE_PRECISIONS
 
 PRECISIONS = ("int8", "fp32", "fp16")
 OPENVINO_PRECISIONS = (AUTO, *INFERENCE_PRECISIONS)
+GATE_BUDGET = "gate"  # drift.gate: what the INT8 gate asks of both back ends beyond their stage budgets
 
 
 @dataclass(frozen=True)
