@@ -7,6 +7,7 @@ leaves the folder as it was (fully cached, or only the bundle rebuilt when the p
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +65,11 @@ def small_build(tmp_path_factory, imagenet: Path, target: str) -> SmallBuild:
         assert (build.root / "bundle" / "manifest.json").is_file(), f"the {target} build wrote no bundle"
         _BUILDS[target] = build
     return _BUILDS[target]
+
+
+def copy_bundle(build_root: Path, folder: Path, *leave_out: str) -> Path:
+    """A private copy of a build's bundle in `folder`/bundle, for a test that damages it or writes into it;
+    `leave_out`: what commands wrote into the shared bundle (engines/, results/) that the copy must not carry."""
+    copy = folder / "bundle"
+    shutil.copytree(build_root / "bundle", copy, ignore=shutil.ignore_patterns(*leave_out) if leave_out else None)
+    return copy

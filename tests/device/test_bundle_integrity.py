@@ -19,6 +19,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.integrity import HASH_CACHE, RACY_SECONDS
+from tests.builds import copy_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_FILE = "models/model.bin"
@@ -31,9 +32,7 @@ def build(small_cpu_build) -> Path:
 
 @pytest.fixture()
 def bundle(build, tmp_path) -> Path:
-    copy = tmp_path / "bundle"
-    shutil.copytree(build / "bundle", copy)
-    return copy
+    return copy_bundle(build, tmp_path)
 
 
 @pytest.fixture(scope="module")

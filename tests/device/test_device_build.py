@@ -8,7 +8,6 @@ the engine itself is built and checked only where TensorRT and a GPU exist.
 """
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from pipeline.artifact import Bundle
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from tests.builds import copy_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_TENSORRT_REASON = "TensorRT is not importable here (no NVIDIA TensorRT on development machines)"
@@ -41,9 +41,7 @@ def gpu_build(small_gpu_build) -> Path:
 @pytest.fixture()
 def bundle(gpu_build, tmp_path) -> Bundle:
     """A private copy of the GPU bundle (device-build writes engines/ into it)."""
-    copy = tmp_path / "bundle"
-    shutil.copytree(gpu_build / "bundle", copy, ignore=shutil.ignore_patterns("engines", "results"))
-    return Bundle.open(copy)
+    return Bundle.open(copy_bundle(gpu_build, tmp_path, "engines", "results"))
 
 
 # ---------------------------------------------------------------------------------------------------

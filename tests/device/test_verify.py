@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from tests.builds import copy_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,9 +27,7 @@ def build(small_cpu_build) -> Path:
 @pytest.fixture()
 def bundle_copy(build, tmp_path) -> Path:
     """A private copy of the bundle a test may damage."""
-    copy = tmp_path / "bundle"
-    shutil.copytree(build / "bundle", copy, ignore=shutil.ignore_patterns("results"))
-    return copy
+    return copy_bundle(build, tmp_path, "results")
 
 
 def _results(bundle: Path) -> list[dict]:
