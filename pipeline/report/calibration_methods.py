@@ -76,7 +76,9 @@ def _config_of(build: Build):
         "data": data,
         "quantization": {"method": calibrate["params"]["method"], "percentile": calibrate["params"]["percentile"],
                          "histogram_bins": calibrate["params"]["bins"],
-                         "evaluation_images": quantize["params"]["evaluation_images"]},
+                         "evaluation_images": quantize["params"]["evaluation_images"],
+                         "residual_adds": bool(quantize["params"].get("residual_adds", False)),
+                         "equalization": "equalize" in stages},
     }
     if "frames" in data:
         overrides["network"]["labels"] = str(build.root / manifest.get("labels", "labels.txt"))
@@ -92,6 +94,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     from pipeline.drift import compare
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
+    from pipeline.stages.equalize import quantized_source
     from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import quantized_activations, write_qdq_model
     from targets.onnxruntime import OnnxRuntimeRunner
@@ -101,11 +104,12 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     plan = BuildPlan(config, build.manifest["model"])  # the stage graph the build was made with
     stages = plan.stages
     ctx = BuildContext(plan, reporter)
+    source = quantized_source(config)  # the FP32 ONNX the build quantized (equalized or simplified)
     records = {name: StageRecord.read(build.root / name)
-               for name in ("reference", "simplify", "calibrate")}
+               for name in ("reference", source, "calibrate")}
     calibrate = next(stage for stage in stages if stage.name == "calibrate")
     same_images = stage_key(calibrate, ctx, records) == records["calibrate"].key
-    fp32_onnx = records["simplify"].path(ONNX_FILE)
+    fp32_onnx = records[source].path(ONNX_FILE)
     excluded = build.stages["quantize"]["facts"].get("excluded_layers") or []
     count = build.stages["quantize"]["drift"]["images"]
     reference = np.load(records["reference"].path(LOGITS_FILE))[:count]

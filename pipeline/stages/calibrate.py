@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.stages.base import ONNX_FILE, TABLE_FILE, Stage
+from pipeline.stages.equalize import quantized_source
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 def stage(config) -> Stage:
     q = config.quantization
-    return Stage("calibrate", "activation ranges on calibration images", ("simplify",),
+    return Stage("calibrate", "activation ranges on calibration images", (quantized_source(config),),
                  {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins, "dla": for_dla(config),
                   "residual_adds": q.residual_adds},
                  ("onnxruntime", "numpy"), produce_calibrate, TABLE_FILE, uses_calibration_images=True,
@@ -39,7 +40,7 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     from pipeline.stages.quantize.dla import dla_tensors, shared_ranges
     from pipeline.stages.quantize.qdq import quantized_activations
 
-    source = inputs["simplify"].path(ONNX_FILE)
+    source = inputs[quantized_source(ctx.config)].path(ONNX_FILE)
     q = ctx.config.quantization
     tensors, dla = quantized_activations(source, residual_adds=q.residual_adds), None
     if for_dla(ctx.config):  # the same table then gives the Q/DQ ONNX and the DLA calibration cache

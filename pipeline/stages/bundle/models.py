@@ -81,7 +81,8 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path, residual_ad
     from pipeline.stages.quantize.bias import saved_shifts
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
-    write_qdq_model(inputs["simplify"].path(ONNX_FILE), table.amax, output, excluded,
+    source = "equalize" if "equalize" in inputs else "simplify"  # the FP32 ONNX the quantize stage quantized
+    write_qdq_model(inputs[source].path(ONNX_FILE), table.amax, output, excluded,
                     bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=residual_adds)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.stages.base import GATE_FILE, ONNX_FILE, TABLE_FILE, Stage, budget_variants, onnx_runner
+from pipeline.stages.equalize import quantized_source
 
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 def stage(config) -> Stage:
     q = config.quantization
     return Stage("quantize", "INT8 Q/DQ ONNX from the calibration table, accuracy gate with fallback",
-                 ("simplify", "calibrate", "reference"),
+                 (quantized_source(config), "calibrate", "reference"),
                  {"evaluation_images": q.evaluation_images, "decision_images": q.decision_images,
                   "bias_correction": q.bias_correction, "residual_adds": q.residual_adds,
                   "sensitivity_images": q.sensitivity_images,
@@ -39,6 +40,6 @@ def produce_quantize(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     from pipeline.stages.quantize.gate import run_gate
 
     table = CalibrationTable.load(inputs["calibrate"].path(TABLE_FILE))
-    gate = run_gate(ctx, inputs["simplify"].path(ONNX_FILE), table.amax, folder / ONNX_FILE)
+    gate = run_gate(ctx, inputs[quantized_source(ctx.config)].path(ONNX_FILE), table.amax, folder / ONNX_FILE)
     write_json_atomic(folder / GATE_FILE, gate)
     return {"excluded_layers": gate["excluded_layers"], "placement": gate["placement"]}
