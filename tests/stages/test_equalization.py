@@ -204,3 +204,11 @@ def test_int8_build_with_equalization_passes_its_drift_checks(tmp_path, imagenet
     assert not np.allclose(_weights(equalized)[name], plain_w)
     assert {n.name for n in quantized.graph.node} >= {n.name for n in equalized.graph.node if n.op_type == "Conv"}
     assert main(args) == 0 and json.loads((root / "manifest.json").read_text())["built_this_run"] == []
+    # report --compare-calibration quantizes the equalized graph too: the build's own method reproduces its figures.
+    assert main(["report", str(tmp_path / "build"), "--compare-calibration", "--latency-seconds", "0.2"]) == 0
+    comparison = json.loads((root / "report" / "report.json").read_text())["calibration_comparison"]
+    assert [row["method"] for row in comparison["methods"]] == ["minmax", "percentile", "entropy", "mse"]
+    assert comparison["same_images_as_build"]
+    own = next(row for row in comparison["methods"] if row["build_method"])
+    assert own["drift"]["cosine"] == pytest.approx(stages["quantize"]["drift"]["cosine"], abs=1e-6)
+    assert own["drift"]["agreement"] == stages["quantize"]["drift"]["agreement"]

@@ -7,8 +7,8 @@ keeps the next group of the most sensitive layers (one-pass ranking, `pipeline.s
 in float, until both back ends pass or the layer limit is reached.
 
 The gate decides on its own images: `quantization.decision_images` labelled train-sample/ images that
-never calibrate, judged against the simplified FP32 ONNX (equal to the torch reference within the
-simplify stage's lossless budget). The evaluation images (val/) are read once, by the chosen model, for
+never calibrate, judged against the FP32 ONNX it quantizes (the simplified or the equalized one, each
+equal to the torch reference within its stage's lossless budget). The evaluation images (val/) are read once, by the chosen model, for
 the stage's drift check: what the build reports was never used to choose.
 """
 
@@ -107,7 +107,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
         record = {
             "passed": result.passed,
             "decided_on": {"images": len(decision.crops), "digest": decision.digest, "labelled": labelled,
-                           "reference": "simplified FP32 ONNX in ONNX Runtime",
+                           "reference": f"{'equalized' if q.equalization else 'simplified'} FP32 ONNX in ONNX Runtime",
                            "budgets": {stage: ctx.config.gate_budget(stage, ctx.random_weights, labelled).as_dict()
                                        for stage in ("quantize", "openvino_int8")}},
             "excluded_layers": list(result.excluded),
