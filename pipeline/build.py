@@ -60,7 +60,7 @@ def stage_key(stage: Stage, ctx: BuildContext, records: dict[str, StageRecord]) 
         "params": stage.params,
         "inputs": {name: records[name].key for name in stage.inputs},
         "tools": {tool: tool_version(tool) for tool in stage.tools},
-        "code": _code_hash(stage, (ctx.spec.module, "pipeline.models.layers", "pipeline.weights") if stage.uses_weights else ()),
+        "code": _code_hash(stage, ctx.source.code_modules() if stage.uses_weights else ()),
     }
     if stage.uses_weights:
         parts["weights"] = ctx.weights_identity
@@ -285,7 +285,9 @@ class Builder:
             "weights": {**ctx.weights_identity, "random": ctx.random_weights,
                         "note": "random weights: accuracy figures are meaningless; drift is judged on mean-centred logits"
                         if ctx.random_weights else ""},
+            "model_source": ctx.source.describe(),
             "preprocessing": ctx.preprocessing.as_dict(),
+            "model_input": ctx.model_input.as_dict(),
             "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop},
             "labels": LABELS,
             "skipped_images": skipped_images.summary(ctx, records),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from calibration import METHODS as CALIBRATION_METHODS
 from pipeline.errors import PipelineError
-from pipeline.plan import build_root
 from pipeline.runtime.backends import BACKENDS
 from targets import TARGETS
 
@@ -186,15 +185,28 @@ def _config(args):
 
 
 def _model_names(config) -> list[str]:
-    from pipeline.models import MODELS, get_spec
+    """The --model arguments: registered networks ('all': every one), .onnx files, package.module:function."""
+    from pipeline.models import MODELS
+    from pipeline.models.source import resolve_model
 
     names: list[str] = []
+    folders: dict[str, str] = {}
     for name in config.models:
         for each in (MODELS if name == "all" else [name]):
-            get_spec(each)  # a clear error for an unknown name
+            folder = resolve_model(each).name  # a clear error for an unknown name
+            if folders.setdefault(folder, each) != each:
+                raise PipelineError(f"--model {folders[folder]} and --model {each} would share the build folder "
+                                    f"'{folder}': rename one")
             if each not in names:
                 names.append(each)
     return names
+
+
+def _root(config, name: str) -> Path:
+    """The build folder of a --model argument (a file's stem, a function's name: pipeline.models.source)."""
+    from pipeline.plan import BuildPlan
+
+    return BuildPlan(config, name).root
 
 
 def _build(args) -> int:
@@ -213,7 +225,7 @@ def _build(args) -> int:
     manifests = {}
     for name in names:
         reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}, {config.weights} weights)")
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # the build and its report
             manifest = Builder(config, name, reporter, force=args.force).run()
             manifests[name] = manifest
@@ -238,7 +250,7 @@ def _stages(args) -> int:
     config, names = _config(args)
     rows = []
     for name in names:
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         for stage in stages_for(config):
             done = (root / stage.name / MARKER).exists()
             rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
@@ -259,7 +271,7 @@ def _clean(args) -> int:
 
     config, names = _config(args)
     for name in names:
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         if not root.exists():
             print(f"nothing to remove at {root}")
             continue

@@ -33,6 +33,42 @@ class NetworkOptions:
     residual_scales: tuple[float, ...] = ()
 
 
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class PreprocessingOptions:
+    """pipeline.yaml's `preprocessing:`: each key set overrides the network's own (0 / "" / []: unset).
+    How they combine into a build's preprocessing: `pipeline.models.preprocessing`."""
+
+    crop: int = 0
+    crop_pct: float = 0.0
+    resize: int = 0  # the shorter side before the crop, instead of crop_pct
+    interpolation: str = ""
+    mean: tuple[float, ...] = ()  # in the order of `channels`, in the units of `scale`
+    std: tuple[float, ...] = ()
+    channels: str = ""  # RGB | BGR: the channel order your network takes
+    layout: str = ""  # NCHW | NHWC: your network's input layout ("": an ONNX file's own, else NCHW)
+    scale: int = 0  # 1: pixels in 0..1 before mean/std; 255: in 0..255
+
+    def __post_init__(self):
+        choices = {"interpolation": INTERPOLATIONS, "channels": ("RGB", "BGR"), "layout": ("NCHW", "NHWC")}
+        for key, allowed in choices.items():
+            if getattr(self, key) and getattr(self, key) not in allowed:
+                raise PipelineError(f"'{key}' must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if self.scale not in (0, 1, 255):
+            raise PipelineError(f"'scale' must be 1 (pixels in 0..1) or 255 (0..255), not {self.scale}")
+        if self.crop < 0 or self.resize < 0 or not 0.0 <= self.crop_pct <= 1.0:
+            raise PipelineError("crop and resize must be positive, crop_pct in (0, 1]")
+        if self.crop_pct and self.resize:
+            raise PipelineError("give crop_pct or resize, not both")
+        for key in ("mean", "std"):
+            if getattr(self, key) and len(getattr(self, key)) != 3:
+                raise PipelineError(f"'{key}' needs 3 numbers (one per channel), not {list(getattr(self, key))}")
+        if any(value == 0 for value in self.std):
+            raise PipelineError(f"'std' must not contain 0, got {list(self.std)}")
+
+
 @dataclass(frozen=True)
 class DataOptions:
     imagenet: str = "../shared/imagenet"
@@ -102,6 +138,7 @@ class Config:
     drift: dict[str, DriftBudget]
     tensorrt: TensorRtOptions = field(default_factory=TensorRtOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
+    preprocessing: PreprocessingOptions = field(default_factory=PreprocessingOptions)
     random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
     unlabelled_drift: dict[str, DriftBudget] = field(default_factory=dict)
 
@@ -264,6 +301,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         openvino=_build_dataclass(OpenVinoOptions, data.get("openvino") or {}, "openvino.", source),
         tensorrt=_build_dataclass(TensorRtOptions, data.get("tensorrt") or {}, "tensorrt.", source),
         bundle=_build_dataclass(BundleOptions, data.get("bundle") or {}, "bundle.", source),
+        preprocessing=_build_dataclass(PreprocessingOptions, data.get("preprocessing") or {}, "preprocessing.", source),
         drift=_budgets(drift, "drift", source),
         random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
         unlabelled_drift=_budgets(unlabelled_drift, "drift.unlabelled", source),

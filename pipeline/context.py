@@ -37,19 +37,20 @@ class BuildContext:
     def __init__(self, plan, reporter: "Reporter"):
         """`plan`: the build's `pipeline.plan.BuildPlan` (not imported here: the plan holds the stage graph,
         whose stages receive this context)."""
-        from pipeline.models import get_spec
+        from pipeline.models import preprocessing, source
 
-        config, model_name = plan.config, plan.model
+        config = plan.config
         self.plan = plan
         self.config = config
         self.root = plan.root  # the bundle reads the checks' logits there
-        self.model_name = model_name
-        self.spec = get_spec(model_name)
+        self.source = plan.source  # a registered network, your ONNX file or your module (pipeline.models.source)
+        self.model_name = self.source.name
+        self.spec = self.source.spec  # None for your own model
+        source.check_options(self.source, config)
         self.reporter = reporter
         self.threads = config.openvino.threads or os.cpu_count() or 1
-        self.preprocessing = self.spec.preprocessing
-        if config.network.input_size:
-            self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
+        # What the artifacts take, and what the network itself takes (folded in by the export stage).
+        self.preprocessing, self.model_input = preprocessing.for_source(self.source, config)
         self.evaluation_count = plan.evaluation_count
         self._imagenet = None  # the ImageNet root read (calibration.imagenet.ImageNetData); None with frames
         self.scan_skipped = ()
@@ -231,6 +232,9 @@ class BuildContext:
         """What the weights are, for cache keys, without loading torch."""
         from pipeline import weights
 
+        if self.source.own:  # an ONNX file by its content; a factory by its module's source (stage_key's code)
+            return {"source": self.source.kind, "argument": self.source.argument,
+                    **({"sha256": sha256_file(self.source.path)} if self.source.path else {})}
         source = weights.resolve_weights(self.model_name, self.config.weights)
         identity = {"source": source.kind}
         if source.path is not None:
@@ -252,8 +256,15 @@ class BuildContext:
 
     @cached_property
     def model(self):
+        """The torch network (`.module`, `.input_size`): ours with its weights, or your factory's module."""
         from pipeline import weights
+        from pipeline.models import source
 
+        if self.source.kind == "factory":  # an ONNX file has no torch network: see `reference_runner`
+            with self.reporter.status(f"loading {self.source.argument}"):
+                module = source.adapt_input(source.load_factory(self.source), self.model_input.layout,
+                                            self.model_input.channels)
+            return source.FactoryModel(module, self.preprocessing.crop)
         network = self.config.network
         batches = None
         if self.random_weights:
@@ -271,10 +282,22 @@ class BuildContext:
                 seed=self.config.data.seed,
             )
 
+    def reference_runner(self):
+        """The FP32 reference: ONNX Runtime on your ONNX file as it is, else torch on the network."""
+        if self.source.kind == "onnx":
+            from pipeline.models.onnx_file import SourceRunner, inspect
+
+            return SourceRunner(inspect(self.source.path, self.model_input.layout), self.model_input.channels,
+                                self.threads)
+        from targets.pytorch import TorchRunner
+
+        return TorchRunner(self.model.module)
+
     def model_options(self) -> dict:
         network = self.config.network
         return {
             "model": self.model_name,
+            **({"source": self.source.describe(), "model_input": self.model_input.as_dict()} if self.source.own else {}),
             "num_classes": network.num_classes,
             "input_size": self.preprocessing.crop,
             "residual_scales": list(network.residual_scales),

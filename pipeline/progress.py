@@ -76,7 +76,8 @@ class Reporter:
         if self.quiet:
             return
         random = manifest["weights"]["random"]
-        table = Table(title=f"{model}: drift against torch FP32 ({manifest['evaluation_images']} evaluation images"
+        reference = (manifest["stages"].get("reference") or {}).get("facts", {}).get("runner", "torch fp32")
+        table = Table(title=f"{model}: drift against the FP32 reference, {reference} ({manifest['evaluation_images']} evaluation images"
                       + (", random weights" if random else "") + ")")
         for column in ("stage", "ran in", "images", "top-1 ref→stage", "top-5 ref→stage", "agreement", "cosine",
                        "max |Δ| / max |ref|", "SQNR dB", "centred cos", "centred SQNR", "verdict"):

@@ -106,7 +106,7 @@ def stage_section(report: dict, images: dict) -> dict:
     if report["random_weights"]:
         blocks.append(("warning", "Random weights: top-1 / top-5 / agreement are meaningless here; read the centred "
                                   "cosine and SQNR."))
-    blocks += [("text", "Every stage against the torch FP32 reference on the first N evaluation images (top-1: "
+    blocks += [("text", "Every stage against the FP32 reference (torch; ONNX Runtime on a user's ONNX file) on the first N evaluation images (top-1: "
                         "reference → stage; flips: images right in FP32 and wrong in the stage / the reverse)."),
                ("table", headers, rows)]
     for count, group in stage_groups(report["stages"]).items():  # never figures of different image sets in one chart

@@ -136,6 +136,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
         "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop, "dtype": "float32"},
         "output": {"name": "logits", "classes": int(golden_reference.shape[1])},
         "preprocessing": ctx.preprocessing.as_dict(),
+        "model_input": ctx.model_input.as_dict(),  # what the network itself takes: folded into the models above
         "labels": "labels.txt",
         "golden": {"images": count, "inputs": GOLDEN_INPUTS, "labels": GOLDEN_LABELS, "reference": GOLDEN_REFERENCE,
                    "intermediates": GOLDEN_INTERMEDIATES if intermediates else None,
