@@ -187,13 +187,15 @@ def _config(args):
 def _model_names(config) -> list[str]:
     """The --model arguments: registered networks ('all': every one), .onnx files, package.module:function."""
     from pipeline.models import MODELS
-    from pipeline.models.source import resolve_model
+    from pipeline.models.source import check_model, resolve_model
 
     names: list[str] = []
     folders: dict[str, str] = {}
     for name in config.models:
         for each in (MODELS if name == "all" else [name]):
-            folder = resolve_model(each).name  # a clear error for an unknown name
+            source = resolve_model(each)  # a clear error for an unknown name, and for a bad file or factory:
+            check_model(source, config)  # before anything runs
+            folder = source.name
             if folders.setdefault(folder, each) != each:
                 raise PipelineError(f"--model {folders[folder]} and --model {each} would share the build folder "
                                     f"'{folder}': rename one")

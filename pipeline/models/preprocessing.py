@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from calibration.preprocess import Preprocessing
 from pipeline.errors import PipelineError
-from pipeline.models.source import ONNX, ModelSource
 
 # torchvision's ImageNet evaluation transform (resize 256, center crop 224, bilinear): the default for your model.
 OWN_DEFAULT = Preprocessing(224, 0.875, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -37,13 +36,14 @@ class ModelInput:
                 "note": "what the network takes; the artifacts take NCHW RGB normalised by 'preprocessing'"}
 
 
-def for_source(source: ModelSource, config) -> tuple[Preprocessing, ModelInput]:
-    """The build's preprocessing (what the artifacts take) and what the network itself takes."""
+def for_source(source, config) -> tuple[Preprocessing, ModelInput]:
+    """The build's preprocessing (what the artifacts take) and what the network itself takes, for a
+    `pipeline.models.source.ModelSource` (not imported: that module checks a model through this one)."""
     options, input_size = config.preprocessing, config.network.input_size
     if options.crop and input_size and options.crop != input_size:
         raise PipelineError(f"preprocessing.crop {options.crop} and --input-size {input_size} disagree: give one")
     crop = options.crop or input_size
-    if source.kind == ONNX:
+    if source.kind == "onnx":
         from pipeline.models.onnx_file import inspect
 
         info = inspect(source.path, options.layout)

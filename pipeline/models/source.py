@@ -116,6 +116,17 @@ def check_options(source: ModelSource, config) -> None:
         raise PipelineError(f"network.residual_scales applies to the Inception-ResNets only, not to {source.argument}")
 
 
+def check_model(source: ModelSource, config) -> None:
+    """What can be checked before a build starts: the options, an ONNX file's input, a factory's module."""
+    from pipeline.models.preprocessing import for_source
+
+    check_options(source, config)
+    if source.kind == ONNX:
+        for_source(source, config)
+    elif source.kind == FACTORY:
+        source.code_modules()
+
+
 _WHERE = "it must be importable from the current folder or PYTHONPATH"
 
 
