@@ -205,22 +205,38 @@ def test_an_ambiguous_layout_asks_for_preprocessing_layout(tmp_path, capsys):
 
 def test_a_batch_size_baked_into_the_graph_is_refused(tmp_path):
     """The export stage makes a fixed batch axis dynamic and checks it: a Reshape to (1, ...) cannot be."""
-    from onnx import TensorProto, helper, numpy_helper
+    import onnx
+    from onnx import helper, numpy_helper
 
     from pipeline.errors import PipelineError
     from pipeline.models.onnx_file import inspect, normalise
 
-    shape = numpy_helper.from_array(np.array([1, 3 * 8 * 8], np.int64), "shape")
     path = _write_graph(tmp_path / "baked.onnx", [("pixels", [1, 3, 8, 8])],
                         [helper.make_node("Reshape", ["pixels", "shape"], ["scores"])], ("scores", [1, 192]))
-    import onnx
-
     model = onnx.load(str(path))
-    model.graph.initializer.append(shape)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 3 * 8 * 8], np.int64), "shape"))
     onnx.save(model, str(path))
-    assert TensorProto.FLOAT == 1
     with pytest.raises(PipelineError, match="does not run with a dynamic batch axis.*export it with a dynamic batch axis"):
         normalise(inspect(path), "RGB", tmp_path / "out.onnx", 17)
+
+
+def test_normalising_converts_an_old_opset_and_keeps_names_that_collide(tmp_path, imagenet):
+    """A file whose tensors are already called input / logits, with a dynamic batch and opset 11 (older than
+    per-channel Q/DQ needs): the normalised file computes the same logits, at opset 17."""
+    import onnx
+
+    from pipeline.models.onnx_file import SourceRunner, inspect, normalise
+    from targets.onnxruntime import OnnxRuntimeRunner
+
+    x = imagenet_inputs(imagenet, count=8)
+    path = write_onnx_classifier(tmp_path / "old.onnx", x, input_name="input", output_name="logits", opset=11)
+    info = inspect(path)
+    assert (info.layout, info.size, info.batch, info.opset) == ("NCHW", SIZE, 0, 11)
+    facts = normalise(info, "RGB", tmp_path / "normalised.onnx", 17)
+    assert facts["opset_converted"] and onnx.load(str(tmp_path / "normalised.onnx")).opset_import[0].version == 17
+    expected = SourceRunner(info, "RGB").run({"input": x})["logits"]
+    got = OnnxRuntimeRunner(tmp_path / "normalised.onnx").run({"input": x})["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_factory_that_does_not_import_or_returns_no_module_is_one_line(tmp_path, capsys, imagenet):

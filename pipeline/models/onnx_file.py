@@ -138,8 +138,10 @@ def _logits(logits: np.ndarray, path: Path) -> np.ndarray:
     return logits.astype(np.float32, copy=False)
 
 
-def normalise(info: OnnxClassifier, channels: str, output: Path, opset: int, threads: int | None = None) -> dict:
-    """Write `info`'s model with the project's input and output (see the module docstring) to `output`."""
+def normalise(info: OnnxClassifier, channels: str, output: Path, opset: int, threads: int | None = None,
+              size: int = 224) -> dict:
+    """Write `info`'s model with the project's input and output (see the module docstring) to `output`;
+    `size`: the side of the images the batch axis is checked on where the file leaves it open (the crop)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -181,9 +183,10 @@ def normalise(info: OnnxClassifier, channels: str, output: Path, opset: int, thr
     del graph.value_info[:]  # shapes inferred for the fixed batch would contradict the dynamic one
     onnx.checker.check_model(model)
     onnx.save(model, str(output))
-    _check_batch_axis(info, output, threads)
+    _check_batch_axis(info, output, threads, info.size or size)
     return {"source": str(info.path), "source_layout": info.layout, "source_channels": channels,
-            "fixed_batch": info.batch or None, "source_opset": info.opset, "opset_converted": converted}
+            "fixed_batch": info.batch or None, "source_opset": info.opset, "opset_converted": converted,
+            "opset": max(info.opset, opset) if converted else info.opset}
 
 
 def _rename(graph, old: str, new: str) -> None:
@@ -193,11 +196,10 @@ def _rename(graph, old: str, new: str) -> None:
         node.output[:] = [new if name == old else name for name in node.output]
 
 
-def _check_batch_axis(info: OnnxClassifier, path: Path, threads: int | None) -> None:
+def _check_batch_axis(info: OnnxClassifier, path: Path, threads: int | None, size: int) -> None:
     """A batch of 2 must give what two single images give: a fixed batch size baked into a Reshape would not."""
     from targets.onnxruntime import OnnxRuntimeRunner
 
-    size = info.size or 224
     x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     advice = "export it with a dynamic batch axis"
     try:

@@ -23,7 +23,8 @@ def produce_export(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
         from pipeline.models.onnx_file import inspect, normalise
 
         info = inspect(ctx.source.path, ctx.model_input.layout)
-        return normalise(info, ctx.model_input.channels, folder / ONNX_FILE, ctx.config.export.opset, ctx.threads)
+        return normalise(info, ctx.model_input.channels, folder / ONNX_FILE, ctx.config.export.opset, ctx.threads,
+                         ctx.preprocessing.crop)
     import onnx
     import torch
 
