@@ -57,7 +57,9 @@ class Bundle:
       format, pipeline_version, model, target ("cpu" | "jetson" | "desktop-gpu"), precision (deployed:
       "int8" | "fp16" | "fp32"), random_weights (bool), labelled (bool),
       input {name, layout "NCHW", size, dtype "float32"}, output {name, classes},
-      preprocessing {crop, resize, crop_pct, interpolation, mean, std} (as calibration.Preprocessing),
+      preprocessing {crop, resize, crop_pct, interpolation, mean, std} (as calibration.Preprocessing): what the
+        models take, RGB in 0..1 NCHW; model_input {layout, channels, scale, mean, std}: what the network itself
+        takes, for the record (folded into the models; nothing on the device reads it),
       labels "labels.txt",
       golden {images, inputs, labels, reference, intermediates (or null)},
       artifacts {precision: {file, kind "onnx" | "openvino", ...}}: GPU int8 also has strongly_typed,
