@@ -187,15 +187,13 @@ def _config(args):
 def _model_names(config) -> list[str]:
     """The --model arguments: registered networks ('all': every one), .onnx files, package.module:function."""
     from pipeline.models import MODELS
-    from pipeline.models.source import check_model, resolve_model
+    from pipeline.models.source import resolve_model
 
     names: list[str] = []
     folders: dict[str, str] = {}
     for name in config.models:
         for each in (MODELS if name == "all" else [name]):
-            source = resolve_model(each)  # a clear error for an unknown name, and for a bad file or factory:
-            check_model(source, config)  # before anything runs
-            folder = source.name
+            folder = resolve_model(each).name  # a clear error for an unknown name
             if folders.setdefault(folder, each) != each:
                 raise PipelineError(f"--model {folders[folder]} and --model {each} would share the build folder "
                                     f"'{folder}': rename one")
@@ -223,6 +221,10 @@ def _build(args) -> int:
         from dataclasses import replace
 
         config = replace(config, data=replace(config.data, imagenet=os.environ["IMAGENET_DIR"]))
+    from pipeline.models.source import check_model, resolve_model
+
+    for name in names:  # a bad ONNX file, factory or option: one line before anything runs
+        check_model(resolve_model(name), config)
     reporter = Reporter()
     manifests = {}
     for name in names:

@@ -232,9 +232,10 @@ class BuildContext:
         """What the weights are, for cache keys, without loading torch."""
         from pipeline import weights
 
-        if self.source.own:  # an ONNX file by its content; a factory by its module's source (stage_key's code)
-            return {"source": self.source.kind, "argument": self.source.argument,
-                    **({"sha256": sha256_file(self.source.path)} if self.source.path else {})}
+        if self.source.kind == "onnx":  # the file by its content, wherever it lies
+            return {"source": "onnx", "sha256": sha256_file(self.source.path)}
+        if self.source.kind == "factory":  # the function by name; its module's source is in stage_key's code
+            return {"source": "factory", "factory": self.source.argument}
         source = weights.resolve_weights(self.model_name, self.config.weights)
         identity = {"source": source.kind}
         if source.path is not None:
@@ -297,7 +298,7 @@ class BuildContext:
         network = self.config.network
         return {
             "model": self.model_name,
-            **({"source": self.source.describe(), "model_input": self.model_input.as_dict()} if self.source.own else {}),
+            **({"model_input": self.model_input.as_dict()} if self.source.own else {}),
             "num_classes": network.num_classes,
             "input_size": self.preprocessing.crop,
             "residual_scales": list(network.residual_scales),

@@ -105,6 +105,14 @@ def test_the_runtime_classifier_opens_the_artifact(onnx_build):
     assert main(["verify", str(onnx_build), "--seconds", "0.2"]) == 0
 
 
+def test_the_report_names_the_reference_that_ran(onnx_build):
+    from pipeline.report import write_report
+
+    write_report(onnx_build, latency_seconds=0)
+    text = (onnx_build / "report" / "report.md").read_text()
+    assert "| reference | fp32 (onnxruntime) |" in text and "INT8 ready to ship: yes." in text
+
+
 def test_a_module_factory_builds_end_to_end(tmp_path, imagenet):
     _config(tmp_path, "preprocessing: {crop: 64}\n")
     assert main(_build(tmp_path, imagenet, "tests.own_models:tiny_classifier", "--precision", "fp32")) == 0

@@ -173,10 +173,9 @@ def normalise(info: OnnxClassifier, channels: str, output: Path, opset: int, thr
         front.append(helper.make_node("Transpose", [tensor], ["input_nhwc"], perm=[0, 2, 3, 1], name="input_to_nhwc"))
         tensor = "input_nhwc"
     front.append(helper.make_node("Identity", [tensor], ["source_input"], name="input_as_given"))
-    flatten = len(_dims(graph.output[0])) == 4  # a (N, classes, 1, 1) head
     del graph.output[:]
-    graph.node.append(helper.make_node("Flatten" if flatten else "Identity", ["source_logits"], [OUTPUT_NAME],
-                                       name="logits_as_named", **({"axis": 1} if flatten else {})))
+    # Flatten: a (N, classes, 1, 1) head becomes (N, classes), as the reference runner flattens it; (N, classes) stays.
+    graph.node.append(helper.make_node("Flatten", ["source_logits"], [OUTPUT_NAME], name="logits_as_named", axis=1))
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "classes"]))
     for node in reversed(front):
         graph.node.insert(0, node)

@@ -99,7 +99,8 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     reporter = reporter or Reporter(quiet=True)
     config = _config_of(build)
     # The stage graph the build was made with, of the network it was made from (your file or module too).
-    plan = BuildPlan(config, build.manifest.get("model_source", {}).get("argument", build.manifest["model"]))
+    source = build.manifest.get("model_source") or {}
+    plan = BuildPlan(config, source.get("path") or source.get("argument") or build.manifest["model"])
     stages = plan.stages
     ctx = BuildContext(plan, reporter)
     records = {name: StageRecord.read(build.root / name)

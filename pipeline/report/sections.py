@@ -88,7 +88,7 @@ def stage_section(report: dict, images: dict) -> dict:
             notes.append(f"{row['stage']} latency: {row['latency_note']}")
         if drift is None:
             if row["stage"] == "reference":
-                rows.append(["reference", "fp32 (torch)", str(reference.get("images", "—")),
+                rows.append(["reference", row.get("precision_ran") or "fp32 (torch)", str(reference.get("images", "—")),
                              percent(reference.get("top1")), percent(reference.get("top5")), "—", "—", "—",
                              "—", "—", "—", "—", "—", "—", f"the reference ({reference.get('distinct_classes', '?')} distinct classes predicted)"])
             continue
