@@ -175,6 +175,24 @@ class BuildContext:
     def evaluation(self) -> ImageSet:
         return self._load(self.evaluation_records, "evaluation")
 
+    def evaluation_head(self, count: int) -> ImageSet:
+        """The first `count` evaluation images that decode (the bundle's golden images): the loaded set's prefix,
+        or, for a set too large to keep (`pipeline.executor.local.KEEP_DECODED`), only those decoded."""
+        from calibration import images
+        from pipeline.executor.local import KEEP_DECODED
+
+        if "evaluation" in self.__dict__ or len(self.evaluation_records) <= KEEP_DECODED:
+            loaded = self.evaluation
+            return ImageSet(loaded.crops[:count], loaded.labels[:count], loaded.digest, loaded.paths[:count])
+        kept = []
+        for batch in images.iter_batches(self.evaluation_records, self.preprocessing, batch_size=count):
+            kept.append(batch)
+            if sum(len(b) for b in kept) >= count:
+                break
+        crops, labels = np.concatenate([b.crops for b in kept])[:count], np.concatenate([b.labels for b in kept])[:count]
+        records = tuple(r for b in kept for r in b.records)[:count]
+        return ImageSet(crops, labels, images.records_digest(records), tuple(str(r.path) for r in records))
+
     @cached_property
     def evaluation_digest(self) -> str:
         from calibration import images
@@ -201,6 +219,32 @@ class BuildContext:
 
         return predict(runner, self.evaluation.crops[:count], self.config.data.batch_size,
                        progress=self.progress(what), prepare=self.preprocessing.normalize)
+
+    @cached_property
+    def executor(self):
+        """Where evaluations run: this process, or shards on Ray (`pipeline.executor`, `executor.kind`)."""
+        from pipeline.executor import executor_for
+
+        return executor_for(self.config.executor, self.config.data.batch_size, self.reporter)
+
+    def images(self, kind: str):
+        """The evaluation, calibration or gate decision images as an executor takes them (`pipeline.executor.Images`)."""
+        from pipeline.executor import Images
+
+        records, attribute = {"evaluation": (self.evaluation_records, "evaluation"),
+                              "calibration": (self.calibration_records, "calibration"),
+                              "gate decision": (self.decision_records, "decision")}[kind]
+        return Images(kind, records, lambda: getattr(self, attribute))
+
+    def evaluate(self, spec, count: int, what: str, kind: str = "evaluation"):
+        """`Predictions` of the artifact `spec` (`pipeline.executor.work.RunnerSpec`) on the first `count` images of
+        `kind`, through the configured executor."""
+        predictions = self.executor.predict(spec, self.images(kind), count, what, self.preprocessing)
+        if predictions.skipped:  # a Ray run decodes in its workers: their skipped files are the build's
+            self.decode_skipped[kind] = predictions.skipped
+            for skipped in predictions.skipped:
+                self.reporter.warn(f"skipped {skipped}")
+        return predictions
 
     def labels(self, reference: StageRecord) -> np.ndarray:
         """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""

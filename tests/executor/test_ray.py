@@ -1,0 +1,155 @@
+"""The Ray executor on a real local Ray cluster (2 CPUs, one per test module): a Lite0 INT8 build through Ray
+gives the local build's drift figures and calibration table; a worker killed mid-evaluation is retried with the
+same result; a model-matrix task never builds a folder another process holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
+
+from tests.builds import MODEL, SMALL_CONFIG  # noqa: E402
+
+# Exact figures: counts and top-1 agree to the image; float figures to the back ends' determinism (a worker
+# runs on 1 thread, the local run on every core).
+EXACT = ("images", "labelled_images", "ref_top1", "ref_top5", "top1", "top5", "flips_lost", "flips_gained",
+         "agreement", "passed", "failures")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_build(cluster, small_cpu_build, tmp_path_factory):
+    """The session's small CPU build (tests/builds.py) again, into a new folder, with `executor.kind: ray`."""
+    from pipeline.cli import main
+
+    work = tmp_path_factory.mktemp("ray-build")
+    (work / "small.yaml").write_text(SMALL_CONFIG + "executor: {kind: ray, shard_images: 16}\n")
+    args = small_cpu_build.args()
+    args[args.index("--build-dir") + 1] = str(work / "build")
+    args[args.index("--config") + 1] = str(work / "small.yaml")
+    assert main(args) == 0
+    return work / "build" / MODEL / "cpu"
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_a_build_through_ray_gives_the_local_figures_and_table(ray_build, small_cpu_build):
+    local, remote = _manifest(small_cpu_build.root), _manifest(ray_build)
+    assert remote["stages"].keys() == local["stages"].keys()
+    checked = 0
+    for name, stage in local["stages"].items():
+        if stage["drift"] is None:
+            continue
+        ours, theirs = stage["drift"], remote["stages"][name]["drift"]
+        assert {k: ours[k] for k in EXACT} == {k: theirs[k] for k in EXACT}, name
+        assert theirs["cosine"] == pytest.approx(ours["cosine"], abs=1e-6), name
+        checked += 1
+    assert checked >= 5  # export, simplify, openvino_fp32/fp16, quantize, openvino_int8
+    # Same reference logits, same images, in the same order.
+    assert (ray_build / "reference" / "images.txt").read_text() == (small_cpu_build.root / "reference" / "images.txt").read_text()
+    np.testing.assert_array_equal(np.load(ray_build / "reference" / "labels.npy"),
+                                  np.load(small_cpu_build.root / "reference" / "labels.npy"))
+    np.testing.assert_allclose(np.load(ray_build / "reference" / "logits.npy"),
+                               np.load(small_cpu_build.root / "reference" / "logits.npy"), rtol=0, atol=1e-4)
+    # The calibration table, merged from per-shard statistics, and what the gate chose from it.
+    table = json.loads((ray_build / "calibrate" / "calibration.json").read_text())
+    expected = json.loads((small_cpu_build.root / "calibrate" / "calibration.json").read_text())
+    assert table["images"] == expected["images"] == 64
+    assert table["tensors"].keys() == expected["tensors"].keys()
+    for name, entry in expected["tensors"].items():
+        assert table["tensors"][name]["amax"] == pytest.approx(entry["amax"], rel=1e-5), name
+    assert remote["stages"]["quantize"]["facts"]["excluded_layers"] == local["stages"]["quantize"]["facts"]["excluded_layers"]
+
+
+def _kill_one_shard(killed: list) -> None:
+    """SIGKILL the first Ray worker seen running a shard (its process title is ray::predict_shard)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not killed:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::predict_shard"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.01)
+
+
+def test_a_killed_worker_is_retried_and_the_logits_are_unchanged(cluster, ray_build, small_cpu_build):
+    from pipeline.cli import _config, _parser
+    from pipeline.context import BuildContext
+    from pipeline.executor.local import LocalExecutor
+    from pipeline.executor.ray_cluster import RayExecutor
+    from pipeline.executor.work import onnxruntime_spec
+    from pipeline.plan import BuildPlan
+    from pipeline.progress import Reporter
+
+    config, _ = _config(_parser().parse_args(small_cpu_build.args()))
+    config = replace(config, executor=replace(config.executor, kind="ray", shard_images=8))
+    ctx = BuildContext(BuildPlan(config, MODEL), Reporter())
+    spec = onnxruntime_spec(small_cpu_build.root / "simplify" / "model.onnx", threads=1)
+    local = LocalExecutor(8, Reporter()).predict(spec, ctx.images("evaluation"), 96, "local", ctx.preprocessing)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_one_shard, args=(killed,))
+    killer.start()
+    remote = RayExecutor(config.executor, 8, Reporter()).predict(spec, ctx.images("evaluation"), 96, "on Ray",
+                                                                 ctx.preprocessing)
+    killer.join()
+    assert killed, "no shard was running to kill"
+    assert remote.paths == local.paths
+    np.testing.assert_array_equal(remote.labels, local.labels)
+    np.testing.assert_array_equal(remote.logits, local.logits)
+
+
+def test_a_matrix_task_never_builds_a_folder_another_process_holds(cluster, tmp_path, imagenet):
+    from pipeline.config import load_config
+    from pipeline.errors import BusyError
+    from pipeline.executor.matrix import build_matrix
+    from pipeline.layout import build_root
+    from pipeline.lock import folder_lock
+
+    config = load_config(None, {"build_dir": str(tmp_path / "build"), "data": {"imagenet": str(imagenet)},
+                                "executor": {"kind": "ray"}})
+    root = build_root(config.build_dir, MODEL, "cpu")
+    with folder_lock(root, wait=False):
+        with pytest.raises(BusyError, match=f"{MODEL} → cpu: .*in use by pid {os.getpid()}"):
+            build_matrix(config, [(MODEL, "cpu")], wait=False)
+    assert not (root / "reference").exists()
+
+
+def test_the_local_executor_never_imports_ray(small_cpu_build, tmp_path):
+    """A local build (the default) runs and evaluates without importing Ray: checked in a fresh process."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pipeline.cli import main
+args = {small_cpu_build.args("--force")!r}
+args[args.index("--build-dir") + 1] = {str(tmp_path / "build")!r}
+assert main(args + ["--precision", "fp32"]) == 0
+assert "ray" not in sys.modules, "the local executor imported ray"
+print("no ray")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no ray" in done.stdout
