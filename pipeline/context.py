@@ -229,7 +229,7 @@ class BuildContext:
 
     def images(self, kind: str):
         """The evaluation, calibration or gate decision images as an executor takes them (`pipeline.executor.Images`)."""
-        from pipeline.executor import Images
+        from pipeline.executor.requests import Images
 
         records, attribute = {"evaluation": (self.evaluation_records, "evaluation"),
                               "calibration": (self.calibration_records, "calibration"),

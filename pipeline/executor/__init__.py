@@ -10,74 +10,13 @@ Both executors take the same requests and give the same results:
   and merged (maxima take the max; histograms over the merged maxima add), equal to the local table.
 
 `local` never imports Ray. The choice of executor is made here once (`executor_for`); what a worker does is
-in `work.py`, the Ray side in `ray_cluster.py`, model-matrix builds on Ray in `matrix.py`.
+in `work.py`, the requests and how shard results join in `requests.py`, the two executors in `local.py` and
+`ray_cluster.py`, model-matrix builds on Ray in `matrix.py`, the throughput benchmark in `benchmark.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import numpy as np
-
-from calibration.datasets import ImageRecord, Skipped
-
 KINDS = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class Images:
-    """Images a request runs on: the selected records (what a Ray shard decodes) and how this process loads them
-    (`load()` -> `pipeline.context.ImageSet`, what the local executor runs on: decoded once per build)."""
-
-    kind: str  # "evaluation", "calibration", "gate decision": for messages and skipped-image records
-    records: Sequence[ImageRecord]
-    load: Callable[[], object]
-
-
-@dataclass(frozen=True)
-class Predictions:
-    logits: np.ndarray  # (N, classes), in image order
-    labels: np.ndarray  # (N,), -1 where unknown
-    paths: tuple[str, ...]  # the image files, in order
-    runner: str  # what ran (the runner's name)
-    precision: str  # the precision that really ran
-    skipped: tuple[Skipped, ...] = ()  # files met that did not decode (the Ray executor decodes per request)
-
-    def digest(self) -> str:
-        """The images' content digest (`calibration.images.records_digest` of the images that ran)."""
-        from pathlib import Path
-
-        from calibration.images import records_digest
-
-        return records_digest(ImageRecord(Path(path), None if label < 0 else int(label))
-                              for path, label in zip(self.paths, self.labels))
-
-
-def first_decodable(records: Sequence[ImageRecord], count: int, run: Callable[[Sequence[ImageRecord]], list]) -> list:
-    """The shard results (`work.ShardLogits`) of the first `count` records that decode, as a local run skips files:
-    `run` the first `count` records, then as many more as were skipped, until `count` ran or none are left."""
-    parts, kept, start = [], 0, 0
-    while kept < count and start < len(records):
-        batch = records[start:start + count - kept]
-        start += len(batch)
-        for part in run(batch):
-            parts.append(part)
-            kept += len(part.records)
-    return parts
-
-
-def predictions_of(parts: list, count: int, images: Images) -> Predictions:
-    """The shard results joined in image order, cut to `count` images."""
-    from calibration.datasets import labels_array
-    from pipeline.errors import PipelineError
-
-    kept = tuple(record for part in parts for record in part.records)[:count]
-    if not kept:
-        raise PipelineError(f"no readable images among the {len(images.records)} {images.kind} images")
-    logits = np.concatenate([part.logits for part in parts if len(part.records)])[:count]
-    return Predictions(logits, labels_array(kept), tuple(str(record.path) for record in kept), parts[0].runner,
-                       parts[0].precision, tuple(skipped for part in parts for skipped in part.skipped))
 
 
 def executor_for(options, batch_size: int, reporter):

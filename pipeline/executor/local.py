@@ -7,7 +7,7 @@ decodes its shard, so memory stays flat in the number of images (the logits exce
 
 from __future__ import annotations
 
-from pipeline.executor import Images, Predictions, first_decodable, predictions_of
+from pipeline.executor.requests import Images, Predictions, first_decodable, predictions_of
 from pipeline.executor.work import RunnerSpec, Shard, predict_shard
 
 KEEP_DECODED = 4096  # 0.6 GB of 224x224 crops, 1.1 GB at 299x299

@@ -18,9 +18,8 @@ import numpy as np
 import ray
 
 from pipeline.errors import PipelineError
-from pipeline.executor import Images, Predictions, first_decodable, predictions_of
-from pipeline.executor import work
-from pipeline.executor.work import RunnerSpec, Shard
+from pipeline.executor.requests import Images, Predictions, first_decodable, predictions_of
+from pipeline.executor.work import RunnerSpec, Shard, predict_shard, shard_histograms, shard_maxima
 
 TASK_RETRIES = 3  # Ray re-runs a task whose worker died this many times before the build fails
 
@@ -40,9 +39,9 @@ def _remote(function):
     return ray.remote(max_retries=TASK_RETRIES)(function)
 
 
-_predict_shard = _remote(work.predict_shard)
-_shard_maxima = _remote(work.shard_maxima)
-_shard_histograms = _remote(work.shard_histograms)
+_predict_shard = _remote(predict_shard)
+_shard_maxima = _remote(shard_maxima)
+_shard_histograms = _remote(shard_histograms)
 
 
 class RayExecutor:

@@ -8,7 +8,6 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 FULL_VAL = 50_000
 

@@ -136,20 +136,50 @@ def test_a_matrix_task_never_builds_a_folder_another_process_holds(cluster, tmp_
     assert not (root / "reference").exists()
 
 
-def test_the_local_executor_never_imports_ray(small_cpu_build, tmp_path):
-    """A local build (the default) runs and evaluates without importing Ray: checked in a fresh process."""
+def test_the_local_executor_never_imports_ray(small_cpu_build):
+    """The default executor evaluates and calibrates without importing Ray: checked in a fresh process, through
+    a cached rerun of the build and then a drift-check evaluation and a calibration of its simplified ONNX."""
     import subprocess
     import sys
 
     script = f"""
 import sys
-from pipeline.cli import main
-args = {small_cpu_build.args("--force")!r}
-args[args.index("--build-dir") + 1] = {str(tmp_path / "build")!r}
-assert main(args + ["--precision", "fp32"]) == 0
+from pipeline.cli import _config, _parser, main
+from pipeline.context import BuildContext
+from pipeline.executor.work import onnxruntime_spec
+from pipeline.plan import BuildPlan
+from pipeline.progress import Reporter
+args = {small_cpu_build.args()!r}
+assert main(args) == 0
+config, names = _config(_parser().parse_args(args))
+ctx = BuildContext(BuildPlan(config, names[0]), Reporter())
+onnx = {str(small_cpu_build.root / "simplify" / "model.onnx")!r}
+assert len(ctx.evaluate(onnxruntime_spec(onnx, 1), 16, "check").logits) == 16
+table = ctx.executor.calibrate(onnx, ["input"], ctx.images("calibration"), ctx.preprocessing, 1, method="minmax",
+                               percentile=99.99, bins=2048)
+assert table.images == 64 and ctx.executor.kind == "local"
 assert "ray" not in sys.modules, "the local executor imported ray"
 print("no ray")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no ray" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_matrix_builds_two_targets_as_ray_tasks(cluster, tmp_path, imagenet):
+    """Two FP32 Lite0 builds (cpu, desktop-gpu) as Ray tasks into one build folder, each complete and checked."""
+    from pipeline.config import load_config
+    from pipeline.executor.matrix import build_matrix
+    from pipeline.layout import build_root
+
+    config = load_config(None, {"build_dir": str(tmp_path / "build"), "data": {"imagenet": str(imagenet),
+                                "evaluation_images": 16}, "precision": "fp32", "bundle": {"golden_images": 8},
+                                "executor": {"kind": "ray"}})
+    jobs = [(MODEL, "cpu"), (MODEL, "desktop-gpu")]
+    manifests = build_matrix(config, jobs)
+    assert list(manifests) == jobs
+    for (model, target), manifest in manifests.items():
+        assert manifest["status"] == "ok" and manifest["target"] == target
+        assert (build_root(config.build_dir, model, target) / "bundle" / "manifest.json").is_file()
+        assert all(stage["drift"]["passed"] for stage in manifest["stages"].values() if stage["drift"])
