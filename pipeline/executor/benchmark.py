@@ -47,6 +47,9 @@ def measure(build_args: list[str], images: int, workers: list[int]) -> dict:
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
 
+    import os
+
+    load_before = os.getloadavg()[0]
     config, names = _config(_parser().parse_args(["build", *build_args]))
     reporter = Reporter()
     ctx = BuildContext(BuildPlan(config, names[0]), reporter)
@@ -71,7 +74,8 @@ def measure(build_args: list[str], images: int, workers: list[int]) -> dict:
     per_worker = {name: rate[f"ray {workers[0]}"] / workers[0] for name, rate in rates.items()}
     seconds_one = sum(FULL_VAL / rate for rate in per_worker.values())
     return {"model": ctx.model_name, "target": config.target, "images": images, "batch_size": config.data.batch_size,
-            "worker_cpus": config.executor.worker_cpus, "rates": rates,
+            "worker_cpus": config.executor.worker_cpus, "rates": rates, "cpus": os.cpu_count(),
+            "load_average": {"before": load_before, "after": os.getloadavg()[0]},
             "projection": {"images": FULL_VAL, "per_worker_images_per_second": per_worker,
                            "hours_by_workers": {n: seconds_one / n / 3600 for n in (1, 2, 8, 32, 128)}}}
 

@@ -19,8 +19,8 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ra
 
 from tests.builds import MODEL, SMALL_CONFIG  # noqa: E402
 
-# Exact figures: counts and top-1 agree to the image; float figures to the back ends' determinism (a worker
-# runs on 1 thread, the local run on every core).
+# Exact figures: counts and top-1 agree to the image; float figures to torch's determinism (a worker runs the
+# reference on 1 thread, the local run on every core: its logits differ by about 5e-6).
 EXACT = ("images", "labelled_images", "ref_top1", "ref_top5", "top1", "top5", "flips_lost", "flips_gained",
          "agreement", "passed", "failures")
 
@@ -68,13 +68,15 @@ def test_a_build_through_ray_gives_the_local_figures_and_table(ray_build, small_
                                   np.load(small_cpu_build.root / "reference" / "labels.npy"))
     np.testing.assert_allclose(np.load(ray_build / "reference" / "logits.npy"),
                                np.load(small_cpu_build.root / "reference" / "logits.npy"), rtol=0, atol=1e-4)
-    # The calibration table, merged from per-shard statistics, and what the gate chose from it.
+    # ONNX Runtime and OpenVINO give the same logits bit for bit on a worker's one thread.
+    for check in ("check_export", "check_openvino_fp32", "check_openvino_fp16", "quantize", "check_openvino_int8"):
+        np.testing.assert_array_equal(np.load(ray_build / check / "logits.npy"),
+                                      np.load(small_cpu_build.root / check / "logits.npy"), err_msg=check)
+    # The calibration table, merged from per-shard statistics (4 shards of 16), equal to the local one;
+    # and what the gate chose from it.
     table = json.loads((ray_build / "calibrate" / "calibration.json").read_text())
-    expected = json.loads((small_cpu_build.root / "calibrate" / "calibration.json").read_text())
-    assert table["images"] == expected["images"] == 64
-    assert table["tensors"].keys() == expected["tensors"].keys()
-    for name, entry in expected["tensors"].items():
-        assert table["tensors"][name]["amax"] == pytest.approx(entry["amax"], rel=1e-5), name
+    assert table == json.loads((small_cpu_build.root / "calibrate" / "calibration.json").read_text())
+    assert table["images"] == 64
     assert remote["stages"]["quantize"]["facts"]["excluded_layers"] == local["stages"]["quantize"]["facts"]["excluded_layers"]
 
 
