@@ -50,6 +50,7 @@ def _manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # a second INT8 build (2-3 min on two cores); the fast tier checks predict and calibrate below
 def test_a_build_through_ray_gives_the_local_figures_and_table(ray_build, small_cpu_build):
     local, remote = _manifest(small_cpu_build.root), _manifest(ray_build)
     assert remote["stages"].keys() == local["stages"].keys()
@@ -96,18 +97,45 @@ def _kill_one_shard(killed: list) -> None:
         time.sleep(0.01)
 
 
-def test_a_killed_worker_is_retried_and_the_logits_are_unchanged(cluster, ray_build, small_cpu_build):
+def _context(small_cpu_build, shard_images: int):
+    """The small build's context, configured for Ray with shards of `shard_images`."""
     from pipeline.cli import _config, _parser
     from pipeline.context import BuildContext
-    from pipeline.executor.local import LocalExecutor
-    from pipeline.executor.ray_cluster import RayExecutor
-    from pipeline.executor.work import onnxruntime_spec
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
 
     config, _ = _config(_parser().parse_args(small_cpu_build.args()))
-    config = replace(config, executor=replace(config.executor, kind="ray", shard_images=8))
-    ctx = BuildContext(BuildPlan(config, MODEL), Reporter())
+    config = replace(config, executor=replace(config.executor, kind="ray", shard_images=shard_images))
+    return config, BuildContext(BuildPlan(config, MODEL), Reporter())
+
+
+def test_calibration_on_ray_merges_shards_into_the_local_table(cluster, small_cpu_build):
+    from pipeline.executor.local import LocalExecutor
+    from pipeline.executor.ray_cluster import RayExecutor
+    from pipeline.progress import Reporter
+    from pipeline.stages.quantize.qdq import quantized_activations
+
+    config, ctx = _context(small_cpu_build, 16)
+    onnx = small_cpu_build.root / "simplify" / "model.onnx"
+    tensors = quantized_activations(onnx)
+    method = {"method": "percentile", "percentile": 99.99, "bins": 2048}
+    local = LocalExecutor(8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"), ctx.preprocessing, 2,
+                                                   **method)
+    remote = RayExecutor(config.executor, 8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"),
+                                                                    ctx.preprocessing, 1, **method)
+    assert remote.images == local.images == 64  # 4 shards of 16
+    assert remote.as_dict() == local.as_dict()
+    assert remote.as_dict()["tensors"] == json.loads((small_cpu_build.root / "calibrate" / "calibration.json")
+                                                     .read_text())["tensors"]
+
+
+def test_a_killed_worker_is_retried_and_the_logits_are_unchanged(cluster, small_cpu_build):
+    from pipeline.executor.local import LocalExecutor
+    from pipeline.executor.ray_cluster import RayExecutor
+    from pipeline.executor.work import onnxruntime_spec
+    from pipeline.progress import Reporter
+
+    config, ctx = _context(small_cpu_build, 8)
     spec = onnxruntime_spec(small_cpu_build.root / "simplify" / "model.onnx", threads=1)
     local = LocalExecutor(8, Reporter()).predict(spec, ctx.images("evaluation"), 96, "local", ctx.preprocessing)
     killed: list[int] = []
