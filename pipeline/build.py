@@ -92,7 +92,20 @@ class Builder:
         self._current: str | None = None  # the stage being built or checked, for "interrupted in ..."
 
     def run(self) -> dict:
-        """Build every stage; an interruption is re-raised naming the stage it stopped."""
+        """Build every stage; an interruption is re-raised naming the stage it stopped. A build that fails
+        before anything is built leaves no empty folders behind."""
+        made = [folder for folder in (self.root.parent, self.root) if not folder.exists()]
+        try:
+            return self._run_naming_the_stage()
+        except BaseException:
+            for folder in reversed(made):  # the target's folder, then the model's, each only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _run_naming_the_stage(self) -> dict:
         try:
             return self._run()
         except KeyboardInterrupt as error:
@@ -253,7 +266,12 @@ class Builder:
             except OSError as error:
                 raise PipelineError(f"{source}: cannot read the labels file ({error.strerror})") from None
         else:
-            names = list(self.ctx.class_names)
+            try:
+                names = list(self.ctx.class_names)
+            except PipelineError:
+                if (self.root / LABELS).is_file():  # a cached rebuild without its images: the labels stand
+                    return
+                raise
         if len(names) != num_classes:
             raise PipelineError(f"labels: {len(names)} names for a {num_classes}-class network: pass --labels with one name per class")
         text = "".join(f"{name}\n" for name in names)

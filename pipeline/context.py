@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from pipeline.cache import StageRecord, sha256_file
 from pipeline.drift import DriftResult, compare
 from pipeline.errors import PipelineError
-from pipeline.layout import LABELS_FILE, LOGITS_FILE
+from pipeline.layout import IMAGE_DIGESTS, LABELS_FILE, LOGITS_FILE
+from pipeline.recorded_images import RecordedImages
 
 if TYPE_CHECKING:
     from pipeline.progress import Reporter
@@ -52,9 +53,56 @@ class BuildContext:
             self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
         self.evaluation_count = plan.evaluation_count
         self._imagenet = None  # the ImageNet root read (calibration.imagenet.ImageNetData); None with frames
-        self.scan_skipped = ()
+        self._frames_skipped = ()
         self.decode_skipped: dict[str, tuple] = {}  # "evaluation" / "calibration": files that did not decode
-        self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
+        self.recorded = RecordedImages(plan.root / IMAGE_DIGESTS, self._selection())
+
+    @cached_property
+    def _pools(self) -> tuple:
+        """(calibration pool, evaluation pool, class names): the image folders are read only when a stage needs
+        them, so a fully cached rebuild runs without its images (`RecordedImages`)."""
+        return self._image_pools()
+
+    @property
+    def calibration_pool(self):
+        return self._pools[0]
+
+    @property
+    def evaluation_pool(self):
+        return self._pools[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._pools[2]
+
+    def _selection(self) -> dict:
+        """What chooses the images of a build, but for the files themselves: equal selections of the same files
+        give the same image lists."""
+        data, quantization = self.config.data, self.config.quantization
+        return {"frames": bool(data.frames), "seed": data.seed, "evaluation": self.evaluation_count,
+                "calibration": data.calibration_images, "batchnorm": data.batchnorm_images,
+                "decision": quantization.decision_images}
+
+    def _digest(self, name: str, records: str) -> str:
+        """The content digest of an image list (a cache key part). When the images cannot be read, the digest
+        recorded by the last build with the same selection stands in, so cached stages stay cached; a stage
+        that must be built still needs the images and says so."""
+        from calibration import images
+
+        try:
+            image_records = getattr(self, records)
+        except PipelineError as error:
+            recorded = self.recorded.get(name)
+            if recorded is None:
+                raise
+            self.recorded.warn_once(self.reporter, error)
+            return recorded
+        digest = images.records_digest(image_records)
+        self.recorded.put(name, digest, self._data_folder())
+        return digest
+
+    def _data_folder(self) -> str:
+        return str(Path(self.config.data.frames or self.config.data.imagenet).absolute())
 
     def _image_pools(self):
         """Calibration and evaluation candidates: an ImageNet root in any layout it has (`calibration.imagenet`),
@@ -84,12 +132,18 @@ class BuildContext:
 
     @property
     def scan_skipped(self) -> tuple:
-        """Files the dataset scans left out (calibration.datasets.Skipped), train/ as far as it was listed."""
+        """Files the dataset scans left out (calibration.datasets.Skipped), train/ as far as it was listed;
+        nothing when no stage needed the images (a cached rebuild)."""
         return self._imagenet.skipped if self._imagenet is not None else self._frames_skipped
 
     @scan_skipped.setter
     def scan_skipped(self, value: tuple) -> None:
         self._frames_skipped = value
+
+    @property
+    def images_read(self) -> bool:
+        """Whether this run read its image folders (not when every stage was cached and they are absent)."""
+        return "_pools" in self.__dict__
 
     def _select(self, pool, count: int, exclude=frozenset()):
         """`count` images of `pool`, balanced and seeded (`calibration.sampling`), leaving out the paths in `exclude`.
@@ -150,9 +204,7 @@ class BuildContext:
 
     @cached_property
     def decision_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.decision_records)
+        return self._digest("decision", "decision_records")
 
     def decision_labels(self, num_classes: int) -> np.ndarray:
         """The decision images' labels, all -1 where ImageNet's labels do not apply."""
@@ -195,9 +247,7 @@ class BuildContext:
 
     @cached_property
     def evaluation_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.evaluation_records)
+        return self._digest("evaluation", "evaluation_records")
 
     @cached_property
     def calibration(self) -> ImageSet:
@@ -205,9 +255,7 @@ class BuildContext:
 
     @cached_property
     def calibration_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.calibration_records)
+        return self._digest("calibration", "calibration_records")
 
     def uses_imagenet_labels(self, num_classes: int) -> bool:
         """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
@@ -280,9 +328,7 @@ class BuildContext:
         if source.path is not None:
             identity["sha256"] = sha256_file(source.path)
         if source.kind == "random":
-            from calibration import images
-
-            identity.update(seed=self.config.data.seed, batchnorm_images=images.records_digest(self.batchnorm_records))
+            identity.update(seed=self.config.data.seed, batchnorm_images=self._digest("batchnorm", "batchnorm_records"))
         return identity
 
     @property

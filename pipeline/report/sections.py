@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.report.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
+from pipeline.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
 from pipeline.report.plots import calibration_plot, sensitivity_plot, stages_plot
 from pipeline.report.collect import Build, resolve_image
 from pipeline.report.verdict import budget_checks, headline_blocks
