@@ -279,10 +279,9 @@ class BuildContext:
         """The evaluation, calibration or gate decision images as an executor takes them (`pipeline.executor.Images`)."""
         from pipeline.executor.requests import Images
 
-        records, attribute = {"evaluation": (self.evaluation_records, "evaluation"),
-                              "calibration": (self.calibration_records, "calibration"),
-                              "gate decision": (self.decision_records, "decision")}[kind]
-        return Images(kind, records, lambda: getattr(self, attribute))
+        name = {"evaluation": "evaluation", "calibration": "calibration", "gate decision": "decision"}[kind]
+        records = getattr(self, f"{name}_records")  # only this set is selected: an FP32 build has no calibration
+        return Images(kind, records, lambda: getattr(self, name))
 
     def evaluate(self, spec, count: int, what: str, kind: str = "evaluation"):
         """`Predictions` of the artifact `spec` (`pipeline.executor.work.RunnerSpec`) on the first `count` images of
