@@ -244,10 +244,10 @@ class Builder:
             checked = lookup.record
         else:
             with self.cache.building(check_name) as folder, self._space_guard(check_name, folder):
-                runner = stage.runner(self.ctx, record)
-                np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
-                ran = getattr(runner, "execution_precision", "fp32")
-                info = {"runner": runner.name, "precision_ran": f"int8+{ran}" if stage.int8 else ran,
+                predictions = self.ctx.evaluate(stage.runner(self.ctx, record), count, f"checking {stage.name}")
+                np.save(folder / LOGITS_FILE, predictions.logits)
+                ran = predictions.precision
+                info = {"runner": predictions.runner, "precision_ran": f"int8+{ran}" if stage.int8 else ran,
                         "artifact_key": record.key}
                 checked = self.cache.commit(check_name, key, folder, info)
         self._precision_ran[stage.name] = checked.data.get("precision_ran")

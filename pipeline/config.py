@@ -16,12 +16,16 @@ import yaml
 
 from pipeline.drift import DriftBudget
 from pipeline.errors import PipelineError
+from pipeline.executor import KINDS as EXECUTORS  # the one list of executors
 from calibration import METHODS as CALIBRATION_METHODS
 from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
 from targets.openvino import AUTO, INFERENCE_PRECISIONS
 
 PRECISIONS = ("int8", "fp32", "fp16")
 OPENVINO_PRECISIONS = (AUTO, *INFERENCE_PRECISIONS)
+# `evaluation_images: all`: every image the layout lists (ImageNet's 50,000), as a count larger than any layout.
+ALL_IMAGES = 2**31 - 1
+ALL_ALLOWED = ("data.evaluation_images", "quantization.evaluation_images")
 GATE_BUDGET = "gate"  # drift.gate: what the INT8 gate asks of both back ends beyond their stage budgets
 
 
@@ -118,6 +122,16 @@ class TensorRtOptions:
 
 
 @dataclass(frozen=True)
+class ExecutorOptions:
+    """Where evaluations run (`pipeline.executor`): this process, or shards on a Ray cluster."""
+
+    kind: str = "local"  # local | ray
+    address: str = ""  # ray: "" starts Ray on this machine; "auto" or "ray://host:10001" joins a cluster
+    shard_images: int = 64  # images per Ray task (rounded up to whole batches)
+    worker_cpus: int = 1  # CPUs (and back-end threads) of each Ray task
+
+
+@dataclass(frozen=True)
 class BundleOptions:
     golden_images: int = 256
     include_wheel: bool = True
@@ -139,6 +153,7 @@ class Config:
     tensorrt: TensorRtOptions = field(default_factory=TensorRtOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
     preprocessing: PreprocessingOptions = field(default_factory=PreprocessingOptions)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
     unlabelled_drift: dict[str, DriftBudget] = field(default_factory=dict)
 
@@ -216,6 +231,8 @@ def _where(source: Path, mapping: dict, key: str) -> str:
 
 def _convert(value: Any, kind: Any, name: str, where: str) -> Any:
     """Check one value against a field's annotation (int, float, str, tuple[...], budget)."""
+    if value == "all" and name in ALL_ALLOWED:
+        return ALL_IMAGES
     origin = get_origin(kind)
     if origin is tuple:
         items = value if isinstance(value, list) else None
@@ -302,6 +319,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         tensorrt=_build_dataclass(TensorRtOptions, data.get("tensorrt") or {}, "tensorrt.", source),
         bundle=_build_dataclass(BundleOptions, data.get("bundle") or {}, "bundle.", source),
         preprocessing=_build_dataclass(PreprocessingOptions, data.get("preprocessing") or {}, "preprocessing.", source),
+        executor=_build_dataclass(ExecutorOptions, data.get("executor") or {}, "executor.", source),
         drift=_budgets(drift, "drift", source),
         random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
         unlabelled_drift=_budgets(unlabelled_drift, "drift.unlabelled", source),
@@ -319,6 +337,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
     choose("precision", config.precision, PRECISIONS, _where(source, data, "precision"))
     choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
     choose("quantization.method", config.quantization.method, CALIBRATION_METHODS, str(source))
+    choose("executor.kind", config.executor.kind, EXECUTORS, str(source))
     positive = {
         "data.calibration_images": config.data.calibration_images,
         "data.batchnorm_images": config.data.batchnorm_images,
@@ -333,6 +352,8 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
         "tensorrt.workspace_mib": config.tensorrt.workspace_mib,
         "tensorrt.dla_batch": config.tensorrt.dla_batch,
         "bundle.golden_images": config.bundle.golden_images,
+        "executor.shard_images": config.executor.shard_images,
+        "executor.worker_cpus": config.executor.worker_cpus,
     }
     for name, value in positive.items():
         if value < 1:

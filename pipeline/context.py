@@ -228,6 +228,24 @@ class BuildContext:
     def evaluation(self) -> ImageSet:
         return self._load(self.evaluation_records, "evaluation")
 
+    def evaluation_head(self, count: int) -> ImageSet:
+        """The first `count` evaluation images that decode (the bundle's golden images): the loaded set's prefix,
+        or, for a set too large to keep (`pipeline.executor.local.KEEP_DECODED`), only those decoded."""
+        from calibration import images
+        from pipeline.executor.local import KEEP_DECODED
+
+        if "evaluation" in self.__dict__ or len(self.evaluation_records) <= KEEP_DECODED:
+            loaded = self.evaluation
+            return ImageSet(loaded.crops[:count], loaded.labels[:count], loaded.digest, loaded.paths[:count])
+        kept = []
+        for batch in images.iter_batches(self.evaluation_records, self.preprocessing, batch_size=count):
+            kept.append(batch)
+            if sum(len(b) for b in kept) >= count:
+                break
+        crops, labels = np.concatenate([b.crops for b in kept])[:count], np.concatenate([b.labels for b in kept])[:count]
+        records = tuple(r for b in kept for r in b.records)[:count]
+        return ImageSet(crops, labels, images.records_digest(records), tuple(str(r.path) for r in records))
+
     @cached_property
     def evaluation_digest(self) -> str:
         return self._digest("evaluation", "evaluation_records")
@@ -250,6 +268,31 @@ class BuildContext:
 
         return predict(runner, self.evaluation.crops[:count], self.config.data.batch_size,
                        progress=self.progress(what), prepare=self.preprocessing.normalize)
+
+    @cached_property
+    def executor(self):
+        """Where evaluations run: this process, or shards on Ray (`pipeline.executor`, `executor.kind`)."""
+        from pipeline.executor import executor_for
+
+        return executor_for(self.config.executor, self.config.data.batch_size, self.reporter)
+
+    def images(self, kind: str):
+        """The evaluation, calibration or gate decision images as an executor takes them (`pipeline.executor.Images`)."""
+        from pipeline.executor.requests import Images
+
+        name = {"evaluation": "evaluation", "calibration": "calibration", "gate decision": "decision"}[kind]
+        records = getattr(self, f"{name}_records")  # only this set is selected: an FP32 build has no calibration
+        return Images(kind, records, lambda: getattr(self, name))
+
+    def evaluate(self, spec, count: int, what: str, kind: str = "evaluation"):
+        """`Predictions` of the artifact `spec` (`pipeline.executor.work.RunnerSpec`) on the first `count` images of
+        `kind`, through the configured executor."""
+        predictions = self.executor.predict(spec, self.images(kind), count, what, self.preprocessing)
+        if predictions.skipped:  # a Ray run decodes in its workers: their skipped files are the build's
+            self.decode_skipped[kind] = predictions.skipped
+            for skipped in predictions.skipped:
+                self.reporter.warn(f"skipped {skipped}")
+        return predictions
 
     def labels(self, reference: StageRecord) -> np.ndarray:
         """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""
@@ -307,7 +350,7 @@ class BuildContext:
         from pipeline import weights
         from pipeline.models import source
 
-        if self.source.kind == "factory":  # an ONNX file has no torch network: see `reference_runner`
+        if self.source.kind == "factory":  # an ONNX file has no torch network: see `reference_spec`
             with self.reporter.status(f"loading {self.source.argument}"):
                 module = source.adapt_input(source.load_factory(self.source), self.model_input.layout,
                                             self.model_input.channels)
@@ -329,16 +372,16 @@ class BuildContext:
                 seed=self.config.data.seed,
             )
 
-    def reference_runner(self):
-        """The FP32 reference: ONNX Runtime on your ONNX file as it is, else torch on the network."""
+    def reference_spec(self):
+        """The FP32 reference (`pipeline.executor.work.RunnerSpec`): ONNX Runtime on your ONNX file as it is, else
+        torch on the network."""
+        from pipeline.executor.work import RunnerSpec
+
         if self.source.kind == "onnx":
-            from pipeline.models.onnx_file import SourceRunner, inspect
-
-            return SourceRunner(inspect(self.source.path, self.model_input.layout), self.model_input.channels,
-                                self.threads)
-        from targets.pytorch import TorchRunner
-
-        return TorchRunner(self.model.module)
+            return RunnerSpec("onnx_file", str(self.source.path), {"layout": self.model_input.layout,
+                                                                    "channels": self.model_input.channels,
+                                                                    "threads": self.threads})
+        return RunnerSpec("torch", module=self.model.module)
 
     def model_options(self) -> dict:
         network = self.config.network

@@ -86,7 +86,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
     count = min(config.bundle.golden_images, len(all_reference))
     golden_reference = np.ascontiguousarray(all_reference[:count], dtype=np.float32)
     labels = ctx.labels(reference)[:count].astype(np.int64)
-    crops = np.ascontiguousarray(ctx.evaluation.crops[:count])
+    crops = np.ascontiguousarray(ctx.evaluation_head(count).crops)
     labelled = bool((labels >= 0).any())
 
     (folder / "golden").mkdir()
