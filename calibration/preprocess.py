@@ -31,7 +31,9 @@ class Preprocessing:
 
     @property
     def resize(self) -> int:
-        return math.floor(self.crop / self.crop_pct)
+        # The epsilon keeps a crop_pct written as crop / resize (pipeline.yaml's preprocessing.resize) from
+        # flooring to resize - 1 (288 / (288 / 320) = 319.99999...); timm's own ratios are far from integers.
+        return math.floor(self.crop / self.crop_pct + 1e-6)
 
     def with_crop(self, crop: int) -> "Preprocessing":
         """The same transform for another input size (a fine-tuned network's `--input-size`)."""

@@ -189,13 +189,7 @@ def collect_ranges(
     duplicates are ignored, the table keeps the given order.
     progress: called as progress(done, total) after each batch, total counting both passes.
     """
-    if method not in METHODS:
-        raise PipelineError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
-    histogram = method != "minmax"
-    if histogram and not (isinstance(bins, int) and bins >= NUM_QUANTIZED_BINS):
-        raise PipelineError(f"calibration bins must be an integer of at least {NUM_QUANTIZED_BINS}, got {bins!r}")
-    if method == "percentile" and not 0 < percentile <= 100:
-        raise PipelineError(f"calibration percentile must be in (0, 100], got {percentile!r}")
+    check_method(method, bins, percentile)
     if not hasattr(batches, "__len__") or iter(batches) is batches:
         raise TypeError("batches must be a sequence that can be walked more than once (a list, or ImageBatches), "
                         "not a one-shot iterator")
@@ -206,6 +200,7 @@ def collect_ranges(
         raise PipelineError("no tensors to calibrate")
 
     runs = TensorReader(Path(onnx_path), names, threads)
+    histogram = method != "minmax"
     passes = 2 if histogram else 1
     total, done = passes * len(batches), 0
 
@@ -222,16 +217,34 @@ def collect_ranges(
         return images
 
     maxima = np.zeros(len(names), np.float64)
-    images = one_pass(lambda outputs: _update_maxima(maxima, outputs, runs))
+    images = one_pass(lambda outputs: update_maxima(maxima, outputs, runs))
 
-    zero = maxima == 0
     if histogram:
         hists = np.zeros((len(names), bins), np.int64)
-        second_pass_images = one_pass(lambda outputs: _update_histograms(hists, outputs, maxima))
+        second_pass_images = one_pass(lambda outputs: update_histograms(hists, outputs, maxima))
         if second_pass_images != images:
             raise PipelineError(f"the calibration batches gave {images} images, then {second_pass_images}: "
                                 "they must give the same images on every pass")
+    return table_from(names, maxima, hists if histogram else None, method, percentile, bins, images)
 
+
+def check_method(method: str, bins: int, percentile: float) -> None:
+    """The method and its settings, checked before any image is read."""
+    if method not in METHODS:
+        raise PipelineError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
+    if method != "minmax" and not (isinstance(bins, int) and bins >= NUM_QUANTIZED_BINS):
+        raise PipelineError(f"calibration bins must be an integer of at least {NUM_QUANTIZED_BINS}, got {bins!r}")
+    if method == "percentile" and not 0 < percentile <= 100:
+        raise PipelineError(f"calibration percentile must be in (0, 100], got {percentile!r}")
+
+
+def table_from(names: list[str], maxima: np.ndarray, hists: np.ndarray | None, method: str, percentile: float,
+               bins: int, images: int) -> CalibrationTable:
+    """The table from the gathered statistics: max |x| per tensor (first pass) and, for the histogram methods,
+    the histograms of |x| over [0, max] (second pass). Statistics gathered in parts merge before this: maxima
+    take the max, histograms over the same maxima add (`pipeline.executor`)."""
+    histogram = method != "minmax"
+    zero = maxima == 0
     amax: dict[str, float] = {}
     for k, name in enumerate(names):
         if zero[k]:
@@ -308,7 +321,7 @@ class TensorReader:
         return result
 
 
-def _update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "TensorReader") -> None:
+def update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "TensorReader") -> None:
     for k, x in enumerate(values):
         maxima[k] = max(maxima[k], _max_abs(x))
         if not math.isfinite(maxima[k]):
@@ -316,7 +329,7 @@ def _update_maxima(maxima: np.ndarray, values: list[np.ndarray], runs: "TensorRe
                                 "calibration images: check the model and the preprocessing")
 
 
-def _update_histograms(hists: np.ndarray, values: list[np.ndarray], maxima: np.ndarray) -> None:
+def update_histograms(hists: np.ndarray, values: list[np.ndarray], maxima: np.ndarray) -> None:
     for k, x in enumerate(values):
         if maxima[k] > 0:
             hists[k] += _abs_histogram(x, maxima[k], hists.shape[1])

@@ -47,6 +47,7 @@ GOLDEN_LABELS = "golden/labels.npy"
 GOLDEN_REFERENCE = "golden/reference_logits.npy"
 GOLDEN_INTERMEDIATES = "golden/intermediates.npz"
 ENGINES_DIR = "engines"
+EXTRACTED_FROM = ".extracted-from.json"  # which bundle.tar.gz (name, size, mtime) the folder beside it came from
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class Bundle:
       format, pipeline_version, model, target ("cpu" | "jetson" | "desktop-gpu"), precision (deployed:
       "int8" | "fp16" | "fp32"), random_weights (bool), labelled (bool),
       input {name, layout "NCHW", size, dtype "float32"}, output {name, classes},
-      preprocessing {crop, resize, crop_pct, interpolation, mean, std} (as calibration.Preprocessing),
+      preprocessing {crop, resize, crop_pct, interpolation, mean, std} (as calibration.Preprocessing): what the
+        models take, RGB in 0..1 NCHW; model_input {layout, channels, scale, mean, std}: what the network itself
+        takes, for the record (folded into the models; nothing on the device reads it),
       labels "labels.txt",
       golden {images, inputs, labels, reference, intermediates (or null)},
       artifacts {precision: {file, kind "onnx" | "openvino", ...}}: GPU int8 also has strongly_typed,
@@ -150,7 +153,7 @@ def extract_archive(archive: Path) -> Path:
     """
     target = archive.parent / archive.name.replace(".tar.gz", "").replace(".tgz", "")
     if (target / MANIFEST).is_file():
-        return target
+        return _extracted_from(archive, target)
     if target.exists():
         raise PipelineError(f"{target}: exists but is not a bundle ({MANIFEST} missing): remove it, then open {archive} again")
     partial = target.with_name(f".{target.name}.extracting")
@@ -169,10 +172,47 @@ def extract_archive(archive: Path) -> Path:
         if not (source / MANIFEST).is_file():
             raise PipelineError(f"{archive}: not a bundle archive (no {MANIFEST} inside): copy bundle.tar.gz again")
         os.replace(source, target)
+        _remember_archive(archive, target)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         raise PipelineError(f"{archive}: corrupt or unreadable bundle archive ({_one_line(error)}): copy it again") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _archive_identity(archive: Path) -> dict:
+    stat = archive.stat()
+    return {"archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _remember_archive(archive: Path, target: Path) -> None:
+    """Note which archive the folder came from, so that a newer archive copied over it is not missed."""
+    try:
+        (target / EXTRACTED_FROM).write_text(json.dumps(_archive_identity(archive)))
+    except OSError:  # a read-only folder: the manifests are compared on every open instead
+        pass
+
+
+def _extracted_from(archive: Path, target: Path) -> Path:
+    """The folder beside `archive`, if it holds that archive's bundle: an older bundle left there by a previous
+    copy is refused rather than run in the new one's place (the folder may hold engines built on the device,
+    so it is never replaced silently)."""
+    try:
+        if json.loads((target / EXTRACTED_FROM).read_text()) == _archive_identity(archive):
+            return target
+    except (OSError, ValueError):
+        pass  # extracted by hand (tar xzf), or by an older version: compare the bundles' manifests
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = next((m for m in tar if m.isfile() and Path(m.name).parts[-1:] == (MANIFEST,)
+                           and len(Path(m.name).parts) <= 2), None)
+            inside = tar.extractfile(member).read() if member is not None else None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise PipelineError(f"{archive}: corrupt or unreadable bundle archive ({_one_line(error)}): copy it again") from None
+    if inside != (target / MANIFEST).read_bytes():
+        raise PipelineError(f"{target}: holds another bundle than {archive} (their manifests differ): move or remove "
+                            f"{target}, then open {archive} again (or open the folder itself to use the bundle it holds)")
+    _remember_archive(archive, target)
     return target
 
 

@@ -60,7 +60,7 @@ def stage_key(stage: Stage, ctx: BuildContext, records: dict[str, StageRecord]) 
         "params": stage.params,
         "inputs": {name: records[name].key for name in stage.inputs},
         "tools": {tool: tool_version(tool) for tool in stage.tools},
-        "code": _code_hash(stage, (ctx.spec.module, "pipeline.models.layers", "pipeline.weights") if stage.uses_weights else ()),
+        "code": _code_hash(stage, ctx.source.code_modules() if stage.uses_weights else ()),
     }
     if stage.uses_weights:
         parts["weights"] = ctx.weights_identity
@@ -92,7 +92,20 @@ class Builder:
         self._current: str | None = None  # the stage being built or checked, for "interrupted in ..."
 
     def run(self) -> dict:
-        """Build every stage; an interruption is re-raised naming the stage it stopped."""
+        """Build every stage; an interruption is re-raised naming the stage it stopped. A build that fails
+        before anything is built leaves no empty folders behind."""
+        made = [folder for folder in (self.root.parent, self.root) if not folder.exists()]
+        try:
+            return self._run_naming_the_stage()
+        except BaseException:
+            for folder in reversed(made):  # the target's folder, then the model's, each only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _run_naming_the_stage(self) -> dict:
         try:
             return self._run()
         except KeyboardInterrupt as error:
@@ -231,10 +244,10 @@ class Builder:
             checked = lookup.record
         else:
             with self.cache.building(check_name) as folder, self._space_guard(check_name, folder):
-                runner = stage.runner(self.ctx, record)
-                np.save(folder / LOGITS_FILE, self.ctx.predict(runner, count, f"checking {stage.name}"))
-                ran = getattr(runner, "execution_precision", "fp32")
-                info = {"runner": runner.name, "precision_ran": f"int8+{ran}" if stage.int8 else ran,
+                predictions = self.ctx.evaluate(stage.runner(self.ctx, record), count, f"checking {stage.name}")
+                np.save(folder / LOGITS_FILE, predictions.logits)
+                ran = predictions.precision
+                info = {"runner": predictions.runner, "precision_ran": f"int8+{ran}" if stage.int8 else ran,
                         "artifact_key": record.key}
                 checked = self.cache.commit(check_name, key, folder, info)
         self._precision_ran[stage.name] = checked.data.get("precision_ran")
@@ -253,7 +266,12 @@ class Builder:
             except OSError as error:
                 raise PipelineError(f"{source}: cannot read the labels file ({error.strerror})") from None
         else:
-            names = list(self.ctx.class_names)
+            try:
+                names = list(self.ctx.class_names)
+            except PipelineError:
+                if (self.root / LABELS).is_file():  # a cached rebuild without its images: the labels stand
+                    return
+                raise
         if len(names) != num_classes:
             raise PipelineError(f"labels: {len(names)} names for a {num_classes}-class network: pass --labels with one name per class")
         text = "".join(f"{name}\n" for name in names)
@@ -285,7 +303,9 @@ class Builder:
             "weights": {**ctx.weights_identity, "random": ctx.random_weights,
                         "note": "random weights: accuracy figures are meaningless; drift is judged on mean-centred logits"
                         if ctx.random_weights else ""},
+            "model_source": ctx.source.describe(),
             "preprocessing": ctx.preprocessing.as_dict(),
+            "model_input": ctx.model_input.as_dict(),
             "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop},
             "labels": LABELS,
             "skipped_images": skipped_images.summary(ctx, records),

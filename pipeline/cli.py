@@ -16,7 +16,6 @@ from pathlib import Path
 
 from calibration import METHODS as CALIBRATION_METHODS
 from pipeline.errors import PipelineError
-from pipeline.plan import build_root
 from pipeline.runtime.backends import BACKENDS
 from targets import TARGETS
 
@@ -54,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--input-size", type=int, help="input resolution of a fine-tuned network")
     build.add_argument("--frames", type=Path, metavar="DIR",
                        help="your own unlabelled images (a camera's frames) for calibration and label-free checks")
-    build.add_argument("--eval-images", type=int, help="evaluation images per lossless drift check (default 64)")
-    build.add_argument("--int8-eval-images", type=int, help="evaluation images the INT8 stages are judged on (default 650)")
+    build.add_argument("--eval-images", type=_image_count, help="evaluation images per lossless drift check, or all (default 64)")
+    build.add_argument("--int8-eval-images", type=_image_count, help="evaluation images the INT8 stages are judged on, or all (default 650)")
     build.add_argument("--calibration-images", type=int, help="calibration images (default 512)")
     build.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                        help="how activation ranges are chosen (default percentile)")
@@ -63,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true", help="print the manifests as JSON on stdout")
     build.add_argument("--no-report", action="store_true", help="do not write report.md/.json/.html at the end")
     build.add_argument("--no-wait", action="store_true", help=NO_WAIT_HELP)
+    build.add_argument("--executor", choices=("local", "ray"), help="where evaluations run (default: pipeline.yaml's, local)")
+    build.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to join: auto, ray://host:10001 (implies --executor ray)")
 
     stages = commands.add_parser("stages", parents=[common], help="list the stages of a target and their cache state")
     stages.add_argument("--json", action="store_true", help="print as JSON")
@@ -140,6 +141,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _image_count(text: str) -> int | str:
+    """A number of images, or "all" (every image the layout lists; pipeline.config.ALL_IMAGES)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', not {text!r}") from None
+
+
 def _config(args):
     from pipeline.config import load_config
 
@@ -181,20 +192,40 @@ def _config(args):
         quantization["method"] = args.calibration_method
     if quantization:
         overrides["quantization"] = quantization
+    executor = {}
+    if getattr(args, "executor", None):
+        executor["kind"] = args.executor
+    if getattr(args, "ray_address", None):
+        executor.update(kind=executor.get("kind", "ray"), address=args.ray_address)
+    if executor:
+        overrides["executor"] = executor
     config = load_config(args.config, overrides)
     return config, _model_names(config)
 
 
 def _model_names(config) -> list[str]:
-    from pipeline.models import MODELS, get_spec
+    """The --model arguments: registered networks ('all': every one), .onnx files, package.module:function."""
+    from pipeline.models import MODELS
+    from pipeline.models.source import resolve_model
 
     names: list[str] = []
+    folders: dict[str, str] = {}
     for name in config.models:
         for each in (MODELS if name == "all" else [name]):
-            get_spec(each)  # a clear error for an unknown name
+            folder = resolve_model(each).name  # a clear error for an unknown name
+            if folders.setdefault(folder, each) != each:
+                raise PipelineError(f"--model {folders[folder]} and --model {each} would share the build folder "
+                                    f"'{folder}': rename one")
             if each not in names:
                 names.append(each)
     return names
+
+
+def _root(config, name: str) -> Path:
+    """The build folder of a --model argument (a file's stem, a function's name: pipeline.models.source)."""
+    from pipeline.plan import BuildPlan
+
+    return BuildPlan(config, name).root
 
 
 def _build(args) -> int:
@@ -209,13 +240,23 @@ def _build(args) -> int:
         from dataclasses import replace
 
         config = replace(config, data=replace(config.data, imagenet=os.environ["IMAGENET_DIR"]))
+    from pipeline.models.source import check_model, resolve_model
+
+    for name in names:  # a bad ONNX file, factory or option: one line before anything runs
+        check_model(resolve_model(name), config)
     reporter = Reporter()
     manifests = {}
+    built_on_ray = {}
+    if config.executor.kind == "ray" and len(names) > 1:  # a model matrix: one Ray task per build
+        from pipeline.executor.matrix import build_matrix
+
+        reporter.say(f"building {', '.join(names)} → {config.target} as Ray tasks")
+        built_on_ray = build_matrix(config, [(name, config.target) for name in names], args.force, not args.no_wait)
     for name in names:
         reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}, {config.weights} weights)")
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # the build and its report
-            manifest = Builder(config, name, reporter, force=args.force).run()
+            manifest = built_on_ray.get((name, config.target)) or Builder(config, name, reporter, force=args.force).run()
             manifests[name] = manifest
             built = manifest["built_this_run"]
             reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
@@ -238,7 +279,7 @@ def _stages(args) -> int:
     config, names = _config(args)
     rows = []
     for name in names:
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         for stage in stages_for(config):
             done = (root / stage.name / MARKER).exists()
             rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
@@ -259,7 +300,7 @@ def _clean(args) -> int:
 
     config, names = _config(args)
     for name in names:
-        root = build_root(config.build_dir, name, config.target)
+        root = _root(config, name)
         if not root.exists():
             print(f"nothing to remove at {root}")
             continue

@@ -16,12 +16,16 @@ import yaml
 
 from pipeline.drift import DriftBudget
 from pipeline.errors import PipelineError
+from pipeline.executor import KINDS as EXECUTORS  # the one list of executors
 from calibration import METHODS as CALIBRATION_METHODS
 from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
 from targets.openvino import AUTO, INFERENCE_PRECISIONS
 
 PRECISIONS = ("int8", "fp32", "fp16")
 OPENVINO_PRECISIONS = (AUTO, *INFERENCE_PRECISIONS)
+# `evaluation_images: all`: every image the layout lists (ImageNet's 50,000), as a count larger than any layout.
+ALL_IMAGES = 2**31 - 1
+ALL_ALLOWED = ("data.evaluation_images", "quantization.evaluation_images")
 GATE_BUDGET = "gate"  # drift.gate: what the INT8 gate asks of both back ends beyond their stage budgets
 
 
@@ -31,6 +35,42 @@ class NetworkOptions:
     input_size: int = 0
     labels: str = ""
     residual_scales: tuple[float, ...] = ()
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class PreprocessingOptions:
+    """pipeline.yaml's `preprocessing:`: each key set overrides the network's own (0 / "" / []: unset).
+    How they combine into a build's preprocessing: `pipeline.models.preprocessing`."""
+
+    crop: int = 0
+    crop_pct: float = 0.0
+    resize: int = 0  # the shorter side before the crop, instead of crop_pct
+    interpolation: str = ""
+    mean: tuple[float, ...] = ()  # in the order of `channels`, in the units of `scale`
+    std: tuple[float, ...] = ()
+    channels: str = ""  # RGB | BGR: the channel order your network takes
+    layout: str = ""  # NCHW | NHWC: your network's input layout ("": an ONNX file's own, else NCHW)
+    scale: int = 0  # 1: pixels in 0..1 before mean/std; 255: in 0..255
+
+    def __post_init__(self):
+        choices = {"interpolation": INTERPOLATIONS, "channels": ("RGB", "BGR"), "layout": ("NCHW", "NHWC")}
+        for key, allowed in choices.items():
+            if getattr(self, key) and getattr(self, key) not in allowed:
+                raise PipelineError(f"'{key}' must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if self.scale not in (0, 1, 255):
+            raise PipelineError(f"'scale' must be 1 (pixels in 0..1) or 255 (0..255), not {self.scale}")
+        if self.crop < 0 or self.resize < 0 or not 0.0 <= self.crop_pct <= 1.0:
+            raise PipelineError("crop and resize must be positive, crop_pct in (0, 1]")
+        if self.crop_pct and self.resize:
+            raise PipelineError("give crop_pct or resize, not both")
+        for key in ("mean", "std"):
+            if getattr(self, key) and len(getattr(self, key)) != 3:
+                raise PipelineError(f"'{key}' needs 3 numbers (one per channel), not {list(getattr(self, key))}")
+        if any(value == 0 for value in self.std):
+            raise PipelineError(f"'std' must not contain 0, got {list(self.std)}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +123,16 @@ class TensorRtOptions:
 
 
 @dataclass(frozen=True)
+class ExecutorOptions:
+    """Where evaluations run (`pipeline.executor`): this process, or shards on a Ray cluster."""
+
+    kind: str = "local"  # local | ray
+    address: str = ""  # ray: "" starts Ray on this machine; "auto" or "ray://host:10001" joins a cluster
+    shard_images: int = 64  # images per Ray task (rounded up to whole batches)
+    worker_cpus: int = 1  # CPUs (and back-end threads) of each Ray task
+
+
+@dataclass(frozen=True)
 class BundleOptions:
     golden_images: int = 256
     include_wheel: bool = True
@@ -103,6 +153,8 @@ class Config:
     drift: dict[str, DriftBudget]
     tensorrt: TensorRtOptions = field(default_factory=TensorRtOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
+    preprocessing: PreprocessingOptions = field(default_factory=PreprocessingOptions)
+    executor: ExecutorOptions = field(default_factory=ExecutorOptions)
     random_weights_drift: dict[str, DriftBudget] = field(default_factory=dict)
     unlabelled_drift: dict[str, DriftBudget] = field(default_factory=dict)
 
@@ -180,6 +232,8 @@ def _where(source: Path, mapping: dict, key: str) -> str:
 
 def _convert(value: Any, kind: Any, name: str, where: str) -> Any:
     """Check one value against a field's annotation (int, float, str, tuple[...], budget)."""
+    if value == "all" and name in ALL_ALLOWED:
+        return ALL_IMAGES
     origin = get_origin(kind)
     if origin is tuple:
         items = value if isinstance(value, list) else None
@@ -265,6 +319,8 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Conf
         openvino=_build_dataclass(OpenVinoOptions, data.get("openvino") or {}, "openvino.", source),
         tensorrt=_build_dataclass(TensorRtOptions, data.get("tensorrt") or {}, "tensorrt.", source),
         bundle=_build_dataclass(BundleOptions, data.get("bundle") or {}, "bundle.", source),
+        preprocessing=_build_dataclass(PreprocessingOptions, data.get("preprocessing") or {}, "preprocessing.", source),
+        executor=_build_dataclass(ExecutorOptions, data.get("executor") or {}, "executor.", source),
         drift=_budgets(drift, "drift", source),
         random_weights_drift=_budgets(random_drift, "drift.random_weights", source),
         unlabelled_drift=_budgets(unlabelled_drift, "drift.unlabelled", source),
@@ -282,6 +338,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
     choose("precision", config.precision, PRECISIONS, _where(source, data, "precision"))
     choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
     choose("quantization.method", config.quantization.method, CALIBRATION_METHODS, str(source))
+    choose("executor.kind", config.executor.kind, EXECUTORS, str(source))
     positive = {
         "data.calibration_images": config.data.calibration_images,
         "data.batchnorm_images": config.data.batchnorm_images,
@@ -296,6 +353,8 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
         "tensorrt.workspace_mib": config.tensorrt.workspace_mib,
         "tensorrt.dla_batch": config.tensorrt.dla_batch,
         "bundle.golden_images": config.bundle.golden_images,
+        "executor.shard_images": config.executor.shard_images,
+        "executor.worker_cpus": config.executor.worker_cpus,
     }
     for name, value in positive.items():
         if value < 1:

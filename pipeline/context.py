@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from pipeline.cache import StageRecord, sha256_file
 from pipeline.drift import DriftResult, compare
 from pipeline.errors import PipelineError
-from pipeline.layout import LABELS_FILE, LOGITS_FILE
+from pipeline.layout import IMAGE_DIGESTS, LABELS_FILE, LOGITS_FILE
+from pipeline.recorded_images import RecordedImages
 
 if TYPE_CHECKING:
     from pipeline.progress import Reporter
@@ -37,24 +38,72 @@ class BuildContext:
     def __init__(self, plan, reporter: "Reporter"):
         """`plan`: the build's `pipeline.plan.BuildPlan` (not imported here: the plan holds the stage graph,
         whose stages receive this context)."""
-        from pipeline.models import get_spec
+        from pipeline.models import preprocessing, source
 
-        config, model_name = plan.config, plan.model
+        config = plan.config
         self.plan = plan
         self.config = config
         self.root = plan.root  # the bundle reads the checks' logits there
-        self.model_name = model_name
-        self.spec = get_spec(model_name)
+        self.source = plan.source  # a registered network, your ONNX file or your module (pipeline.models.source)
+        self.model_name = self.source.name
+        self.spec = self.source.spec  # None for your own model
+        source.check_options(self.source, config)
         self.reporter = reporter
         self.threads = config.openvino.threads or os.cpu_count() or 1
-        self.preprocessing = self.spec.preprocessing
-        if config.network.input_size:
-            self.preprocessing = self.preprocessing.with_crop(config.network.input_size)
+        # What the artifacts take, and what the network itself takes (folded in by the export stage).
+        self.preprocessing, self.model_input = preprocessing.for_source(self.source, config)
         self.evaluation_count = plan.evaluation_count
         self._imagenet = None  # the ImageNet root read (calibration.imagenet.ImageNetData); None with frames
-        self.scan_skipped = ()
+        self._frames_skipped = ()
         self.decode_skipped: dict[str, tuple] = {}  # "evaluation" / "calibration": files that did not decode
-        self.calibration_pool, self.evaluation_pool, self.class_names = self._image_pools()
+        self.recorded = RecordedImages(plan.root / IMAGE_DIGESTS, self._selection())
+
+    @cached_property
+    def _pools(self) -> tuple:
+        """(calibration pool, evaluation pool, class names): the image folders are read only when a stage needs
+        them, so a fully cached rebuild runs without its images (`RecordedImages`)."""
+        return self._image_pools()
+
+    @property
+    def calibration_pool(self):
+        return self._pools[0]
+
+    @property
+    def evaluation_pool(self):
+        return self._pools[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._pools[2]
+
+    def _selection(self) -> dict:
+        """What chooses the images of a build, but for the files themselves: equal selections of the same files
+        give the same image lists."""
+        data, quantization = self.config.data, self.config.quantization
+        return {"frames": bool(data.frames), "seed": data.seed, "evaluation": self.evaluation_count,
+                "calibration": data.calibration_images, "batchnorm": data.batchnorm_images,
+                "decision": quantization.decision_images}
+
+    def _digest(self, name: str, records: str) -> str:
+        """The content digest of an image list (a cache key part). When the images cannot be read, the digest
+        recorded by the last build with the same selection stands in, so cached stages stay cached; a stage
+        that must be built still needs the images and says so."""
+        from calibration import images
+
+        try:
+            image_records = getattr(self, records)
+        except PipelineError as error:
+            recorded = self.recorded.get(name)
+            if recorded is None:
+                raise
+            self.recorded.warn_once(self.reporter, error)
+            return recorded
+        digest = images.records_digest(image_records)
+        self.recorded.put(name, digest, self._data_folder())
+        return digest
+
+    def _data_folder(self) -> str:
+        return str(Path(self.config.data.frames or self.config.data.imagenet).absolute())
 
     def _image_pools(self):
         """Calibration and evaluation candidates: an ImageNet root in any layout it has (`calibration.imagenet`),
@@ -84,12 +133,18 @@ class BuildContext:
 
     @property
     def scan_skipped(self) -> tuple:
-        """Files the dataset scans left out (calibration.datasets.Skipped), train/ as far as it was listed."""
+        """Files the dataset scans left out (calibration.datasets.Skipped), train/ as far as it was listed;
+        nothing when no stage needed the images (a cached rebuild)."""
         return self._imagenet.skipped if self._imagenet is not None else self._frames_skipped
 
     @scan_skipped.setter
     def scan_skipped(self, value: tuple) -> None:
         self._frames_skipped = value
+
+    @property
+    def images_read(self) -> bool:
+        """Whether this run read its image folders (not when every stage was cached and they are absent)."""
+        return "_pools" in self.__dict__
 
     def _select(self, pool, count: int, exclude=frozenset()):
         """`count` images of `pool`, balanced and seeded (`calibration.sampling`), leaving out the paths in `exclude`.
@@ -150,9 +205,7 @@ class BuildContext:
 
     @cached_property
     def decision_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.decision_records)
+        return self._digest("decision", "decision_records")
 
     def decision_labels(self, num_classes: int) -> np.ndarray:
         """The decision images' labels, all -1 where ImageNet's labels do not apply."""
@@ -175,11 +228,27 @@ class BuildContext:
     def evaluation(self) -> ImageSet:
         return self._load(self.evaluation_records, "evaluation")
 
+    def evaluation_head(self, count: int) -> ImageSet:
+        """The first `count` evaluation images that decode (the bundle's golden images): the loaded set's prefix,
+        or, for a set too large to keep (`pipeline.executor.local.KEEP_DECODED`), only those decoded."""
+        from calibration import images
+        from pipeline.executor.local import KEEP_DECODED
+
+        if "evaluation" in self.__dict__ or len(self.evaluation_records) <= KEEP_DECODED:
+            loaded = self.evaluation
+            return ImageSet(loaded.crops[:count], loaded.labels[:count], loaded.digest, loaded.paths[:count])
+        kept = []
+        for batch in images.iter_batches(self.evaluation_records, self.preprocessing, batch_size=count):
+            kept.append(batch)
+            if sum(len(b) for b in kept) >= count:
+                break
+        crops, labels = np.concatenate([b.crops for b in kept])[:count], np.concatenate([b.labels for b in kept])[:count]
+        records = tuple(r for b in kept for r in b.records)[:count]
+        return ImageSet(crops, labels, images.records_digest(records), tuple(str(r.path) for r in records))
+
     @cached_property
     def evaluation_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.evaluation_records)
+        return self._digest("evaluation", "evaluation_records")
 
     @cached_property
     def calibration(self) -> ImageSet:
@@ -187,9 +256,7 @@ class BuildContext:
 
     @cached_property
     def calibration_digest(self) -> str:
-        from calibration import images
-
-        return images.records_digest(self.calibration_records)
+        return self._digest("calibration", "calibration_records")
 
     def uses_imagenet_labels(self, num_classes: int) -> bool:
         """ImageNet's labels mean something only for a 1000-class head with ImageNet's class list."""
@@ -201,6 +268,31 @@ class BuildContext:
 
         return predict(runner, self.evaluation.crops[:count], self.config.data.batch_size,
                        progress=self.progress(what), prepare=self.preprocessing.normalize)
+
+    @cached_property
+    def executor(self):
+        """Where evaluations run: this process, or shards on Ray (`pipeline.executor`, `executor.kind`)."""
+        from pipeline.executor import executor_for
+
+        return executor_for(self.config.executor, self.config.data.batch_size, self.reporter)
+
+    def images(self, kind: str):
+        """The evaluation, calibration or gate decision images as an executor takes them (`pipeline.executor.Images`)."""
+        from pipeline.executor.requests import Images
+
+        name = {"evaluation": "evaluation", "calibration": "calibration", "gate decision": "decision"}[kind]
+        records = getattr(self, f"{name}_records")  # only this set is selected: an FP32 build has no calibration
+        return Images(kind, records, lambda: getattr(self, name))
+
+    def evaluate(self, spec, count: int, what: str, kind: str = "evaluation"):
+        """`Predictions` of the artifact `spec` (`pipeline.executor.work.RunnerSpec`) on the first `count` images of
+        `kind`, through the configured executor."""
+        predictions = self.executor.predict(spec, self.images(kind), count, what, self.preprocessing)
+        if predictions.skipped:  # a Ray run decodes in its workers: their skipped files are the build's
+            self.decode_skipped[kind] = predictions.skipped
+            for skipped in predictions.skipped:
+                self.reporter.warn(f"skipped {skipped}")
+        return predictions
 
     def labels(self, reference: StageRecord) -> np.ndarray:
         """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""
@@ -231,14 +323,16 @@ class BuildContext:
         """What the weights are, for cache keys, without loading torch."""
         from pipeline import weights
 
+        if self.source.kind == "onnx":  # the file by its content, wherever it lies
+            return {"source": "onnx", "sha256": sha256_file(self.source.path)}
+        if self.source.kind == "factory":  # the function by name; its module's source is in stage_key's code
+            return {"source": "factory", "factory": self.source.argument}
         source = weights.resolve_weights(self.model_name, self.config.weights)
         identity = {"source": source.kind}
         if source.path is not None:
             identity["sha256"] = sha256_file(source.path)
         if source.kind == "random":
-            from calibration import images
-
-            identity.update(seed=self.config.data.seed, batchnorm_images=images.records_digest(self.batchnorm_records))
+            identity.update(seed=self.config.data.seed, batchnorm_images=self._digest("batchnorm", "batchnorm_records"))
         return identity
 
     @property
@@ -252,8 +346,15 @@ class BuildContext:
 
     @cached_property
     def model(self):
+        """The torch network (`.module`, `.input_size`): ours with its weights, or your factory's module."""
         from pipeline import weights
+        from pipeline.models import source
 
+        if self.source.kind == "factory":  # an ONNX file has no torch network: see `reference_spec`
+            with self.reporter.status(f"loading {self.source.argument}"):
+                module = source.adapt_input(source.load_factory(self.source), self.model_input.layout,
+                                            self.model_input.channels)
+            return source.FactoryModel(module, self.preprocessing.crop)
         network = self.config.network
         batches = None
         if self.random_weights:
@@ -271,10 +372,22 @@ class BuildContext:
                 seed=self.config.data.seed,
             )
 
+    def reference_spec(self):
+        """The FP32 reference (`pipeline.executor.work.RunnerSpec`): ONNX Runtime on your ONNX file as it is, else
+        torch on the network."""
+        from pipeline.executor.work import RunnerSpec
+
+        if self.source.kind == "onnx":
+            return RunnerSpec("onnx_file", str(self.source.path), {"layout": self.model_input.layout,
+                                                                    "channels": self.model_input.channels,
+                                                                    "threads": self.threads})
+        return RunnerSpec("torch", module=self.model.module)
+
     def model_options(self) -> dict:
         network = self.config.network
         return {
             "model": self.model_name,
+            **({"model_input": self.model_input.as_dict()} if self.source.own else {}),
             "num_classes": network.num_classes,
             "input_size": self.preprocessing.crop,
             "residual_scales": list(network.residual_scales),

@@ -93,6 +93,9 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
     Returns at least `passed`, `drift` (DriftResult.as_dict()), `engine`, `latency`, `throughput`,
     `trtexec`, `device`, and on failure `divergence` and `message`. Needs TensorRT and a GPU.
     """
+    # The bundle first: a damaged or CPU bundle is worth knowing about before anything else is missing.
+    bundle = Bundle.open(bundle_dir)
+    check_gpu_bundle(bundle)
     require_tensorrt()
     import tensorrt as trt
 
@@ -102,8 +105,6 @@ def build_and_check(bundle_dir: str | Path, precision: str | None = None, report
         l4t_release_here,
     )
 
-    bundle = Bundle.open(bundle_dir)
-    check_gpu_bundle(bundle)
     precision = precision or bundle.precision
     plan, options, features = plan_for(bundle, precision, variant, dla_core, trt, dla_batch)
     gpu = {**gpu_description(), "l4t_release": l4t_release_here()}

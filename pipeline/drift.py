@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from pipeline.errors import DriftError, PipelineError
+from pipeline.formats import abs_diff, cosine, pct, percent, points, sqnr, versus
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,8 @@ class DriftResult:
     def summary(self) -> str:
         """One line for logs and errors."""
         if self.passed:
-            return (
-                f"{self.stage}: within budget (agreement {self.agreement:.2%}, "
-                f"cosine {self.cosine:.6f}, SQNR {self.sqnr_db:.1f} dB, {self.images} images)"
-            )
+            return (f"{self.stage}: within budget (agreement {pct(self.agreement)}, cosine {cosine(self.cosine)}, "
+                    f"SQNR {sqnr(self.sqnr_db)}, {self.images} images)")
         return f"{self.stage}: drift past budget: " + "; ".join(self.failures)
 
     def raise_if_failed(self) -> DriftResult:
@@ -237,35 +236,30 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def _failures(r: dict, budget: DriftBudget) -> tuple[str, ...]:
-    """Readable reasons the result misses its budget. `not (x >= min)` so that NaN fails too."""
+    """Readable reasons the result misses its budget, each figure beside its budget in the representation
+    the console and the report use (`pipeline.formats`). `not (x >= min)` so that NaN fails too."""
     failures = []
     if r["non_finite"]:
         failures.append(f"candidate logits hold {r['non_finite']} NaN/inf values")
     if budget.min_agreement is not None and not r["agreement"] >= budget.min_agreement:
         changed = round((1.0 - r["agreement"]) * r["images"])
-        failures.append(
-            f"agreement {r['agreement']:.2%} < {budget.min_agreement:.2%} "
-            f"({changed} of {r['images']} images changed top-1 class)"
-        )
+        failures.append(f"agreement {versus(pct, r['agreement'], budget.min_agreement, '<')} "
+                        f"({changed} of {r['images']} images changed top-1 class)")
     if budget.min_cosine is not None and not r["cosine"] >= budget.min_cosine:
-        failures.append(f"mean cosine {r['cosine']:.6f} < {budget.min_cosine:.6f}")
+        failures.append(f"mean cosine {versus(cosine, r['cosine'], budget.min_cosine, '<')}")
     if budget.max_abs_rel is not None and not r["max_abs_rel"] <= budget.max_abs_rel:
-        failures.append(
-            f"max |cand-ref|/max |ref| {r['max_abs_rel']:.3g} > {budget.max_abs_rel:.3g}"
-        )
+        failures.append(f"relative max abs diff {versus(abs_diff, r['max_abs_rel'], budget.max_abs_rel, '>')}")
     if budget.max_top1_drop is not None and r["top1"] is not None:
         drop = r["ref_top1"] - r["top1"]
         if not drop <= budget.max_top1_drop:
-            failures.append(
-                f"top-1 drop {drop:.2f} points > {budget.max_top1_drop:.2f} "
-                f"({r['ref_top1']:.2f}% -> {r['top1']:.2f}%, {r['flips_lost']} lost, "
-                f"{r['flips_gained']} gained)"
-            )
+            failures.append(f"top-1 drop {versus(points, drop, budget.max_top1_drop, '>')} "
+                            f"({percent(r['ref_top1'])} → {percent(r['top1'])}, {r['flips_lost']} lost, "
+                            f"{r['flips_gained']} gained)")
     if budget.min_sqnr_db is not None and not r["sqnr_db"] >= budget.min_sqnr_db:
-        failures.append(f"SQNR {r['sqnr_db']:.1f} dB < {budget.min_sqnr_db:.1f} dB")
-    for key, label, threshold, unit in (
-        ("centred_cosine", "centred cosine", budget.min_centred_cosine, ""),
-        ("centred_sqnr_db", "centred SQNR", budget.min_centred_sqnr_db, " dB"),
+        failures.append(f"SQNR {versus(sqnr, r['sqnr_db'], budget.min_sqnr_db, '<')}")
+    for key, label, threshold, render in (
+        ("centred_cosine", "centred cosine", budget.min_centred_cosine, cosine),
+        ("centred_sqnr_db", "centred SQNR", budget.min_centred_sqnr_db, sqnr),
     ):
         if threshold is None:
             continue
@@ -276,8 +270,7 @@ def _failures(r: dict, budget: DriftBudget) -> tuple[str, ...]:
                 "(re-estimate batch-norm statistics of random weights on real images)"
             )
         elif not value >= threshold:
-            digits = ".1f" if unit else ".6f"
-            failures.append(f"{label} {value:{digits}}{unit} < {threshold:{digits}}{unit}")
+            failures.append(f"{label} {versus(render, value, threshold, '<')}")
     return tuple(failures)
 
 

@@ -28,7 +28,7 @@ def folder_lock(root: Path, wait: bool = True, say: Callable[[str], None] = prin
     """Hold the lock of build folder `root`; wait for it (saying who holds it) or, if not `wait`, raise BusyError."""
     root = Path(root)
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
+        lock_file(root).parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(lock_file(root), thread_local=False)
         try:
             lock.acquire(timeout=0)
@@ -39,7 +39,7 @@ def folder_lock(root: Path, wait: bool = True, say: Callable[[str], None] = prin
             say(f"waiting for {root}: in use by {holder} (Ctrl-C stops waiting)")
             lock.acquire()
     except OSError as error:
-        raise PipelineError(f"build directory {root.parent} cannot be written ({error.strerror}): "
+        raise PipelineError(f"build directory {lock_file(root).parent.parent} cannot be written ({error.strerror}): "
                             "choose another with --build-dir") from None
     try:
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

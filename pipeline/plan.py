@@ -19,7 +19,14 @@ from targets import GPU_TARGETS
 @dataclass(frozen=True)
 class BuildPlan:
     config: Config
-    model: str
+    model: str  # a --model argument: a registered network, a .onnx file or package.module:function
+
+    @cached_property
+    def source(self):
+        """What `model` is (`pipeline.models.source`); its name is the build folder's."""
+        from pipeline.models.source import resolve_model
+
+        return resolve_model(self.model)
 
     @property
     def target(self) -> str:
@@ -36,7 +43,7 @@ class BuildPlan:
 
     @property
     def root(self) -> Path:
-        return build_root(self.config.build_dir, self.model, self.target)
+        return build_root(self.config.build_dir, self.source.name, self.target)
 
     @cached_property
     def stages(self) -> list:

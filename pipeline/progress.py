@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.formats import abs_diff, cosine, pct, percent_change, sqnr
+
 
 class Reporter:
     def __init__(self, console: Console | None = None, quiet: bool = False):
@@ -67,7 +69,8 @@ class Reporter:
 
     def drift_line(self, result) -> None:
         mark = "[green]✓[/]" if result.passed else "[red]✗[/]"
-        detail = f"agreement {result.agreement:.1%}, cosine {result.cosine:.6f}, max|Δ| {result.max_abs:.2e}"
+        detail = (f"{result.images} images, agreement {pct(result.agreement)}, cosine {cosine(result.cosine)}, "
+                  f"max abs diff {abs_diff(result.max_abs)}")
         if not result.passed:
             detail += " — " + "; ".join(result.failures)
         self.say(f"{mark} {result.stage:<14} drift: {detail}")
@@ -76,10 +79,13 @@ class Reporter:
         if self.quiet:
             return
         random = manifest["weights"]["random"]
-        table = Table(title=f"{model}: drift against torch FP32 ({manifest['evaluation_images']} evaluation images"
-                      + (", random weights" if random else "") + ")")
+        # Each stage is judged on its own first N evaluation images (the "images" column), not all of them.
+        counts = sorted({stage["drift"]["images"] for stage in manifest["stages"].values() if stage.get("drift")})
+        reference = (manifest["stages"].get("reference") or {}).get("facts", {}).get("runner", "torch fp32")
+        table = Table(title=f"{model}: drift against the FP32 reference ({reference}), each stage on the first "
+                      f"{' or '.join(map(str, counts)) or 'N'} held-out images" + (" (random weights)" if random else ""))
         for column in ("stage", "ran in", "images", "top-1 ref→stage", "top-5 ref→stage", "agreement", "cosine",
-                       "max |Δ| / max |ref|", "SQNR dB", "centred cos", "centred SQNR", "verdict"):
+                       "relative max abs diff", "SQNR", "centred cos", "centred SQNR", "verdict"):
             table.add_column(column, justify="left" if column in ("stage", "verdict") else "right")
         for name, stage in manifest["stages"].items():
             drift = stage.get("drift")
@@ -89,27 +95,15 @@ class Reporter:
                 name,
                 stage.get("precision_ran") or "",
                 str(drift["images"]),
-                _change(drift.get("ref_top1"), drift.get("top1")),
-                _change(drift.get("ref_top5"), drift.get("top5")),
-                f"{drift['agreement']:.1%}",
-                f"{drift['cosine']:.6f}",
-                f"{drift['max_abs_rel']:.2e}",
-                _db(drift.get("sqnr_db")),
-                _number(drift.get("centred_cosine"), ".5f"),
-                _db(drift.get("centred_sqnr_db")),
+                percent_change(drift.get("ref_top1"), drift.get("top1")),
+                percent_change(drift.get("ref_top5"), drift.get("top5")),
+                pct(drift["agreement"]),
+                cosine(drift["cosine"]),
+                abs_diff(drift["max_abs_rel"]),
+                sqnr(drift.get("sqnr_db")),
+                cosine(drift.get("centred_cosine")),
+                sqnr(drift.get("centred_sqnr_db")),
                 "pass" if drift["passed"] else "FAIL: " + "; ".join(drift["failures"]),
             )
         self.console.print(table)
 
-
-def _change(reference, stage) -> str:
-    return "—" if stage is None else f"{reference:.1f} → {stage:.1f}"
-
-
-def _db(value) -> str:
-    return "∞" if value == "inf" else _number(value, ".1f")
-
-
-def _number(value, spec: str) -> str:
-    """A metric from DriftResult.as_dict(): a float, None (undefined) or "inf"/"nan" strings."""
-    return "—" if value is None else value if isinstance(value, str) else format(value, spec)

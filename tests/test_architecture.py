@@ -17,7 +17,7 @@ MAX_LINES = 450
 # The device side: what `verify`, `device-build`, `run` and the camera runtime load on a Jetson.
 DEVICE = ("pipeline.artifact", "pipeline.integrity", "pipeline.golden", "pipeline.verify", "pipeline.device_build",
           "pipeline.device_check", "pipeline.divergence",
-          "pipeline.runtime", "pipeline.drift", "pipeline.errors", "targets", "targets.runner", "targets.timing",
+          "pipeline.runtime", "pipeline.drift", "pipeline.formats", "pipeline.errors", "targets", "targets.runner", "targets.timing",
           "targets.onnxruntime", "targets.openvino", "targets.tensorrt")
 # The host side: building, measuring and reporting, which a device never needs.
 HOST = ("pipeline.build", "pipeline.lock", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",

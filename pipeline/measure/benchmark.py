@@ -262,20 +262,24 @@ def write_benchmark_section(root: Path, section: str, data: dict) -> Path:
     from datetime import datetime, timezone
 
     from pipeline.cache import write_json_atomic
+    from pipeline.lock import folder_lock
 
     if section not in SECTIONS:
         raise ValueError(f"unknown benchmark section {section!r}: use one of {SECTIONS}")
     path = Path(root) / BENCHMARK_FILE
-    document = read_benchmark(path) or {}
-    if document.get("format") != BENCHMARK_FORMAT:
-        document = {}  # an older layout: start again rather than mix two
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_description()
-    manifest = json.loads((Path(root) / MANIFEST).read_text())
-    document.update({"format": BENCHMARK_FORMAT, "model": manifest.get("model"), "target": manifest.get("target"),
-                     "updated": now, "machine": machine})
-    document[section] = {"time": now, "machine": machine, **data}
-    write_json_atomic(path, document)
+    # Read, merge, write under the folder's lock: two benchmarks of one build never lose each other's section,
+    # and a build never rewrites the folder meanwhile. (Held for milliseconds, never while measuring.)
+    with folder_lock(Path(root), say=lambda text: None):
+        document = read_benchmark(path) or {}
+        if document.get("format") != BENCHMARK_FORMAT:
+            document = {}  # an older layout: start again rather than mix two
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+        document.update({"format": BENCHMARK_FORMAT, "model": manifest.get("model"), "target": manifest.get("target"),
+                         "updated": now, "machine": machine})
+        document[section] = {"time": now, "machine": machine, **data}
+        write_json_atomic(path, document)
     return path
 
 

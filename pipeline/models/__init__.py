@@ -1,8 +1,9 @@
 """Registry of the networks the pipeline compiles.
 
-Importing this module does not import torch (the device runtime reads preprocessing from here); each
-entry names the module whose `build(num_classes, input_size, **options) -> nn.Module` makes the
-network, imported only when a network is built.
+Importing this module does not import torch (the CLI reads it to check names); each entry names the module
+whose `build(num_classes, input_size, **options) -> nn.Module` makes the network, imported only when a network
+is built. A user's own network (an ONNX file, a module factory) is `pipeline.models.source`'s; the device side
+reads a build's preprocessing from its manifest, never from here.
 """
 
 from __future__ import annotations

@@ -101,7 +101,9 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
 
     reporter = reporter or Reporter(quiet=True)
     config = _config_of(build)
-    plan = BuildPlan(config, build.manifest["model"])  # the stage graph the build was made with
+    # The stage graph the build was made with, of the network it was made from (your file or module too).
+    source = build.manifest.get("model_source") or {}
+    plan = BuildPlan(config, source.get("path") or source.get("argument") or build.manifest["model"])
     stages = plan.stages
     ctx = BuildContext(plan, reporter)
     source = quantized_source(config)  # the FP32 ONNX the build quantized (equalized or simplified)

@@ -27,7 +27,8 @@ def stage_rows(build: Build, cache: dict, latency_seconds: float, say, missing: 
                "size_bytes": artifact_size(stage), "precision_ran": stage.get("precision_ran"),
                "checked": drift is not None, "drift": drift, "latency": None, "latency_note": ""}
         if name == "reference":
-            row["precision_ran"] = "fp32 (torch)"
+            ran = (stage.get("facts") or {}).get("runner", "torch fp32")  # ONNX Runtime on a user's ONNX file
+            row["precision_ran"] = "fp32 (onnxruntime)" if ran.startswith("onnxruntime") else "fp32 (torch)"
         if drift is not None:
             row["latency"], row["latency_note"] = _latency(build, name, artifact, cache, latency_seconds, say)
         rows.append(row)

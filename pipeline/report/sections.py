@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.report.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
+from pipeline.formats import abs_diff, cosine, pct, percent, percent_change, points, sqnr
 from pipeline.report.plots import calibration_plot, sensitivity_plot, stages_plot
 from pipeline.report.collect import Build, resolve_image
 from pipeline.report.verdict import budget_checks, headline_blocks
@@ -88,7 +88,7 @@ def stage_section(report: dict, images: dict) -> dict:
             notes.append(f"{row['stage']} latency: {row['latency_note']}")
         if drift is None:
             if row["stage"] == "reference":
-                rows.append(["reference", "fp32 (torch)", str(reference.get("images", "—")),
+                rows.append(["reference", row.get("precision_ran") or "fp32 (torch)", str(reference.get("images", "—")),
                              percent(reference.get("top1")), percent(reference.get("top5")), "—", "—", "—",
                              "—", "—", "—", "—", "—", "—", f"the reference ({reference.get('distinct_classes', '?')} distinct classes predicted)"])
             continue
@@ -106,7 +106,7 @@ def stage_section(report: dict, images: dict) -> dict:
     if report["random_weights"]:
         blocks.append(("warning", "Random weights: top-1 / top-5 / agreement are meaningless here; read the centred "
                                   "cosine and SQNR."))
-    blocks += [("text", "Every stage against the torch FP32 reference on the first N evaluation images (top-1: "
+    blocks += [("text", "Every stage against the FP32 reference (torch; ONNX Runtime on a user's ONNX file) on the first N evaluation images (top-1: "
                         "reference → stage; flips: images right in FP32 and wrong in the stage / the reverse)."),
                ("table", headers, rows)]
     for count, group in stage_groups(report["stages"]).items():  # never figures of different image sets in one chart

@@ -8,7 +8,7 @@ artifact within its budget among the stage rows that were timed here (`pipeline.
 
 from __future__ import annotations
 
-from pipeline.report.formats import abs_diff, cosine, pct, percent, points, sqnr
+from pipeline.formats import abs_diff, cosine, pct, percent, points, sqnr
 
 # budget key -> (figure name, how the figure is read off a drift dict, formatter, comparison)
 _BUDGETS = {

@@ -18,14 +18,14 @@ from pipeline.layout import (GATE_FILE, IMAGES_FILE, IR_FILE, LABELS_FILE, LOGIT
 
 if TYPE_CHECKING:
     from pipeline.cache import StageRecord
-    from targets.runner import Runner
+    from pipeline.executor.work import RunnerSpec
 
 # What a stage's functions receive: a `pipeline.context.BuildContext`. Named, not imported: the stage
 # modules sit below the context in the layering (the context never imports a stage).
 Context = Any
 
 # Every check of an ONNX stage runs its artifact through targets.onnxruntime.
-ONNX_CHECK_MODULES = ("targets.runner", "targets.onnxruntime")
+ONNX_CHECK_MODULES = ("targets.runner", "targets.onnxruntime", "pipeline.executor.work")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class Stage:
     tools: tuple[str, ...]  # distributions whose versions are part of the cache key
     produce: Callable[["Context", dict[str, "StageRecord"], Path], dict]
     artifact: str  # the main file of the stage's folder
-    # How the drift check runs the artifact; None for the reference itself.
-    runner: Callable[["Context", "StageRecord"], "Runner"] | None = None
+    # How the drift check opens the artifact (a picklable `pipeline.executor.work.RunnerSpec`, so a Ray worker
+    # can open it too); None for the reference itself.
+    runner: Callable[["Context", "StageRecord"], "RunnerSpec"] | None = None
     uses_weights: bool = False  # the checkpoint (or random-weight recipe) is part of the key
     uses_evaluation_images: bool = False
     uses_calibration_images: bool = False
@@ -49,18 +50,18 @@ class Stage:
     check_settings: dict[str, Any] = field(default_factory=dict)  # part of the check's cache key
 
 
-def onnx_runner(ctx: "Context", record: "StageRecord") -> "Runner":
+def onnx_runner(ctx: "Context", record: "StageRecord") -> "RunnerSpec":
     """How the drift check runs an ONNX stage's model: ONNX Runtime on the host's CPU."""
-    from targets.onnxruntime import OnnxRuntimeRunner
+    from pipeline.executor.work import onnxruntime_spec
 
-    return OnnxRuntimeRunner(record.path(ONNX_FILE), threads=ctx.threads)
+    return onnxruntime_spec(record.path(ONNX_FILE), ctx.threads)
 
 
-def fp16_onnx_runner(ctx: "Context", record: "StageRecord") -> "Runner":
+def fp16_onnx_runner(ctx: "Context", record: "StageRecord") -> "RunnerSpec":
     """An FP16-typed ONNX on the host's CPU (a proxy for the GPU), graph optimizations off."""
-    from targets.onnxruntime import OnnxRuntimeRunner
+    from pipeline.executor.work import onnxruntime_spec
 
-    return OnnxRuntimeRunner(record.path(ONNX_FILE), threads=ctx.threads, fp16_typed=True)
+    return onnxruntime_spec(record.path(ONNX_FILE), ctx.threads, fp16_typed=True)
 
 
 def budget_variants(config, stages: tuple[str, ...]) -> dict[str, dict]:

@@ -24,7 +24,7 @@ def stage(config) -> Stage:
                  ("onnxruntime", "numpy"), produce_calibrate, TABLE_FILE, uses_calibration_images=True,
                  modules=("calibration.statistics", "calibration.thresholds", "pipeline.stages.quantize.qdq",
                           "pipeline.stages.quantize.residual", "pipeline.stages.quantize.dla",
-                          "targets.onnxruntime"))
+                          "targets.onnxruntime", "pipeline.executor.work"))
 
 
 def for_dla(config) -> bool:
@@ -36,7 +36,6 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
     """Activation ranges of every tensor the Q/DQ model quantizes: the single source of truth."""
     from dataclasses import replace
 
-    from calibration.statistics import ImageBatches, collect_ranges
     from pipeline.stages.quantize.dla import dla_tensors, shared_ranges
     from pipeline.stages.quantize.qdq import quantized_activations
 
@@ -47,9 +46,9 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
         share = shared_ranges(source)
         dla = {"tensors": list(dict.fromkeys(dla_tensors(source) + list(share))), "share": share}
         tensors = list(dict.fromkeys(tensors + dla["tensors"] + list(share.values())))
-    batches = ImageBatches(ctx.calibration.crops, ctx.preprocessing, ctx.config.data.batch_size)
-    table = collect_ranges(source, tensors, batches, method=q.method, percentile=q.percentile,
-                           bins=q.histogram_bins, threads=ctx.threads, progress=ctx.progress(f"calibrating ({q.method})"))
+    # Locally one pass over the decoded images; on Ray, statistics per shard, merged (pipeline/executor/).
+    table = ctx.executor.calibrate(source, tensors, ctx.images("calibration"), ctx.preprocessing, ctx.threads,
+                                   method=q.method, percentile=q.percentile, bins=q.histogram_bins)
     table = replace(table, dla=dla)
     table.save(folder / TABLE_FILE)
     return {"method": table.method, "images": table.images, "tensors": len(table.amax),

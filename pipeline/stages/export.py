@@ -13,11 +13,18 @@ if TYPE_CHECKING:
 
 
 def stage(config) -> Stage:
-    return Stage("export", "torch -> ONNX (TorchScript exporter)", (), {"opset": config.export.opset}, ("torch", "onnx"),
+    return Stage("export", "torch -> ONNX (TorchScript exporter); your ONNX file: renamed, batch axis dynamic", (), {"opset": config.export.opset}, ("torch", "onnx"),
                  produce_export, ONNX_FILE, runner=onnx_runner, uses_weights=True, modules=ONNX_CHECK_MODULES)
 
 
 def produce_export(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
+    """Our network or your module exported; your ONNX file normalised (`pipeline.models.onnx_file`)."""
+    if ctx.source.kind == "onnx":
+        from pipeline.models.onnx_file import inspect, normalise
+
+        info = inspect(ctx.source.path, ctx.model_input.layout)
+        return normalise(info, ctx.model_input.channels, folder / ONNX_FILE, ctx.config.export.opset, ctx.threads,
+                         ctx.preprocessing.crop)
     import onnx
     import torch
 

@@ -11,7 +11,7 @@ from pipeline.stages.base import IR_FILE, ONNX_FILE, Stage
 if TYPE_CHECKING:
     from pipeline.context import BuildContext
     from pipeline.cache import StageRecord
-    from targets.runner import Runner
+    from pipeline.executor.work import RunnerSpec
 
 DEPLOYED_STAGE = {"fp32": "openvino_fp32", "fp16": "openvino_fp16", "int8": "openvino_int8"}
 
@@ -50,9 +50,9 @@ def _produce_ir(precision: str, source: str = "simplify") -> Callable:
 
 
 def _openvino_runner(hint: str | None) -> Callable:
-    def make(ctx: "BuildContext", record: "StageRecord") -> "Runner":
-        from targets.openvino import OpenVinoRunner
+    def make(ctx: "BuildContext", record: "StageRecord") -> "RunnerSpec":
+        from pipeline.executor.work import openvino_spec
 
-        return OpenVinoRunner(record.path(IR_FILE), inference_precision=hint, threads=ctx.threads)
+        return openvino_spec(record.path(IR_FILE), hint, ctx.threads)
 
     return make

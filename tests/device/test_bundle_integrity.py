@@ -190,3 +190,40 @@ def test_a_corrupt_archive_is_a_clear_error_and_leaves_nothing(build, tmp_path, 
     from pipeline.runtime import Classifier
 
     Classifier.open(archive).close()
+
+
+def _repacked(bundle: Path, archive: Path, change: dict) -> Path:
+    """Another bundle's archive: the same files with a manifest that differs (as a rebuilt bundle's does)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(change)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="bundle")
+    return archive
+
+
+def test_an_older_bundle_folder_beside_a_newer_archive_is_refused_not_run(build, tmp_path):
+    from pipeline.runtime import Classifier
+
+    box = tmp_path / "device"
+    box.mkdir()
+    archive = box / "bundle.tar.gz"
+    shutil.copy(build / "bundle.tar.gz", archive)
+    Classifier.open(archive).close()  # extracts bundle/ beside it
+    assert (box / "bundle" / "manifest.json").is_file()
+    Classifier.open(archive).close()  # the same archive again: the folder is reused
+    newer = _repacked(copy_bundle(build, tmp_path / "newer"), tmp_path / "newer.tar.gz", {"built_at": "later"})
+    shutil.copy(newer, archive)  # a rebuilt bundle copied over the old archive
+    message = _open_error(archive)
+    assert "holds another bundle than" in message and str(box / "bundle") in message
+    assert (box / "bundle" / "manifest.json").is_file()  # nothing was removed: it may hold device engines
+
+
+def test_a_bundle_untarred_by_hand_opens_through_its_archive(build, tmp_path):
+    from pipeline.runtime import Classifier
+
+    archive = tmp_path / "bundle.tar.gz"
+    shutil.copy(build / "bundle.tar.gz", archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")  # what `tar xzf bundle.tar.gz` does
+    Classifier.open(archive).close()  # the same manifest inside and out: the folder is used

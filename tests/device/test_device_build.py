@@ -48,11 +48,11 @@ def bundle(gpu_build, tmp_path) -> Bundle:
 # No TensorRT here: the clear message, for real.
 
 
-def test_no_tensorrt_gives_one_clear_line_and_exit_2(tmp_path, capsys):
+def test_no_tensorrt_gives_one_clear_line_and_exit_2(bundle, capsys):
     ok, reason = _tensorrt_here()
     if ok:
         pytest.skip("TensorRT and a GPU are here: the no-TensorRT message does not apply")
-    assert main(["device-build", str(tmp_path)]) == 2
+    assert main(["device-build", str(bundle.root)]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot build a TensorRT engine here: ")
@@ -63,11 +63,16 @@ def test_no_tensorrt_gives_one_clear_line_and_exit_2(tmp_path, capsys):
     assert "FAIL tensorrt" in captured.out  # device-check ran first, on stdout
 
 
-def test_no_tensorrt_without_torch(tmp_path):
+def test_a_folder_that_is_no_bundle_is_said_before_anything_about_tensorrt(tmp_path, capsys):
+    assert main(["device-build", str(tmp_path)]) == 2
+    assert "not a bundle (manifest.json missing)" in capsys.readouterr().err
+
+
+def test_no_tensorrt_without_torch(bundle):
     if _tensorrt_here()[0]:
         pytest.skip("TensorRT and a GPU are here")
     blocker = "import sys\nfor name in ('torch', 'onnx', 'onnxsim'): sys.modules[name] = None\n"
-    code = blocker + f"from pipeline.cli import main\nsys.exit(main(['device-build', {str(tmp_path)!r}]))\n"
+    code = blocker + f"from pipeline.cli import main\nsys.exit(main(['device-build', {str(bundle.root)!r}]))\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "cannot build a TensorRT engine here" in result.stderr and "Traceback" not in result.stderr

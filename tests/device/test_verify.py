@@ -83,7 +83,7 @@ def test_tampered_reference_fails_with_exit_3(bundle_copy, capsys):
     captured = capsys.readouterr()
     assert "PAST BUDGET" in captured.out
     error = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "top-1 drop" in error[0] and "100.00%" in error[0]
+    assert len(error) == 1 and "top-1 drop" in error[0] and "100.0%" in error[0]
     (results,) = _results(bundle_copy)
     assert results["passed"] is False and results["drift"]["failures"]
 

@@ -156,8 +156,8 @@ def test_latency_section_has_percentiles_and_sections_merge(lite0):
 
 def test_benchmark_json_is_written_atomically_and_replaces_a_broken_file(lite0, tmp_path):
     _, root = lite0
-    copy = tmp_path / "root"
-    copy.mkdir()
+    copy = tmp_path / "build" / MODEL / "cpu"
+    copy.mkdir(parents=True)
     shutil.copy(root / "manifest.json", copy / "manifest.json")
     (copy / benchmark.BENCHMARK_FILE).write_text("{ half a file")
     path = benchmark.write_benchmark_section(copy, "nncf", {"rows": [{"a": 1}]})
@@ -169,6 +169,32 @@ def test_benchmark_json_is_written_atomically_and_replaces_a_broken_file(lite0, 
     assert sorted(os.listdir(copy)) == ["benchmark.json", "manifest.json"]  # no temporary file left behind
     with pytest.raises(ValueError, match="unknown benchmark section"):
         benchmark.write_benchmark_section(copy, "speed", {})
+
+
+def test_a_benchmark_section_waits_for_whoever_holds_the_build_folder(tmp_path):
+    import threading
+    import time
+
+    from pipeline.lock import folder_lock
+
+    root = tmp_path / "build" / "m" / "cpu"
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text('{"model": "m", "target": "cpu"}')
+    holding, released = threading.Event(), threading.Event()
+
+    def hold():  # another writer of the folder (a build, a report, a second benchmark) for half a second
+        with folder_lock(root):
+            holding.set()
+            time.sleep(0.5)
+            released.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait()
+    benchmark.write_benchmark_section(root, "latency", {"rows": []})
+    assert released.is_set()  # it merged its section only once the holder was done
+    thread.join()
+    assert json.loads((root / benchmark.BENCHMARK_FILE).read_text())["latency"]["rows"] == []
 
 
 def test_cli_frame_path_and_clear_errors(lite0, imagenet, tmp_path, capsys, monkeypatch):

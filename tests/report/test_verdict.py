@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.drift import DriftBudget, compare
-from pipeline.report import formats
+from pipeline import formats
 from pipeline.report.markdown import render_markdown
 from pipeline.report.sections import preprocessing_section, stage_section
 from pipeline.report.verdict import budget_checks, deployed_int8_stages, headline_blocks, recommendation, verdict

@@ -135,6 +135,8 @@ def test_the_calibrate_stage_of_a_jetson_build_records_the_dla_section(tmp_path,
     from calibration.preprocess import Preprocessing
     from calibration.statistics import CalibrationTable
     from pipeline.config import load_config
+    from pipeline.executor.local import LocalExecutor
+    from pipeline.executor.requests import Images
     from pipeline.layout import ONNX_FILE, TABLE_FILE
     from pipeline.stages import calibrate, stages_for
 
@@ -146,8 +148,10 @@ def test_the_calibrate_stage_of_a_jetson_build_records_the_dla_section(tmp_path,
         config = load_config(overrides={"target": target, "precision": "int8"})
         (stage,) = [s for s in stages_for(config) if s.name == "calibrate"]
         assert stage.params["dla"] is with_dla  # part of the stage's cache key
-        ctx = types.SimpleNamespace(config=config, calibration=types.SimpleNamespace(crops=crops), preprocessing=pre,
-                                    threads=1, progress=lambda what: None)
+        loaded = types.SimpleNamespace(crops=crops)
+        ctx = types.SimpleNamespace(config=config, preprocessing=pre, threads=1,
+                                    executor=LocalExecutor(8, types.SimpleNamespace(progress=lambda what: None)),
+                                    images=lambda kind: Images(kind, (), lambda: loaded))
         folder = tmp_path / target
         folder.mkdir()
         record = calibrate.produce_calibrate(ctx, {"simplify": simplify}, folder)

@@ -86,7 +86,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
     count = min(config.bundle.golden_images, len(all_reference))
     golden_reference = np.ascontiguousarray(all_reference[:count], dtype=np.float32)
     labels = ctx.labels(reference)[:count].astype(np.int64)
-    crops = np.ascontiguousarray(ctx.evaluation.crops[:count])
+    crops = np.ascontiguousarray(ctx.evaluation_head(count).crops)
     labelled = bool((labels >= 0).any())
 
     (folder / "golden").mkdir()
@@ -136,6 +136,7 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
         "input": {"name": "input", "layout": "NCHW", "size": ctx.preprocessing.crop, "dtype": "float32"},
         "output": {"name": "logits", "classes": int(golden_reference.shape[1])},
         "preprocessing": ctx.preprocessing.as_dict(),
+        "model_input": ctx.model_input.as_dict(),  # what the network itself takes: folded into the models above
         "labels": "labels.txt",
         "golden": {"images": count, "inputs": GOLDEN_INPUTS, "labels": GOLDEN_LABELS, "reference": GOLDEN_REFERENCE,
                    "intermediates": GOLDEN_INTERMEDIATES if intermediates else None,

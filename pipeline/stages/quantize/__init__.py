@@ -30,7 +30,8 @@ def stage(config) -> Stage:
                  uses_calibration_images=True, uses_decision_images=True, int8=True, self_checked=True,
                  modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
                           "pipeline.stages.quantize.residual",
-                          "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime"))
+                          "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime",
+                          "pipeline.executor.work"))
 
 
 def produce_quantize(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:

@@ -50,27 +50,26 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     from pipeline.drift import compare
     from pipeline.stages.quantize.qdq import describe_placement, write_qdq_model
     from pipeline.stages.quantize.sensitivity import fallback, rank_layers
-    from targets.onnxruntime import OnnxRuntimeRunner
-    from targets.openvino import OpenVinoRunner, convert_to_ir
-    from targets.runner import predict
+    from pipeline.executor.work import onnxruntime_spec, openvino_spec
+    from targets.openvino import convert_to_ir
 
     q = ctx.config.quantization
     hint = ctx.deployed_openvino_hint
-    decision = ctx.decision
+    decision_count = len(ctx.decision_records)
 
-    def on_decision_images(runner, what: str) -> np.ndarray:
-        return predict(runner, decision.crops, ctx.config.data.batch_size, progress=ctx.progress(what),
-                       prepare=ctx.preprocessing.normalize)
+    def on_decision_images(spec, what: str):  # through the executor: locally, or sharded on Ray
+        return ctx.evaluate(spec, decision_count, what, kind="gate decision")
 
-    expected = on_decision_images(OnnxRuntimeRunner(fp32_onnx, threads=ctx.threads),
-                                  f"FP32 ONNX on {len(decision.crops)} gate decision images")
-    labels = ctx.decision_labels(expected.shape[1])
+    reference = on_decision_images(onnxruntime_spec(fp32_onnx, ctx.threads), f"FP32 ONNX on {decision_count} gate decision images")
+    expected = reference.logits
+    labels = reference.labels if ctx.uses_imagenet_labels(expected.shape[1]) else np.full_like(reference.labels, -1)
     labelled = bool((labels >= 0).any())
 
     def judge(stage: str, logits: np.ndarray) -> "DriftResult":
         return compare(stage, expected, logits, labels, ctx.config.gate_budget(stage, ctx.random_weights, labelled))
 
-    scratch = Path(tempfile.mkdtemp(prefix="int8-gate-"))
+    # Beside the stage's output, not in /tmp: Ray workers on other nodes open the attempts from the build folder.
+    scratch = Path(tempfile.mkdtemp(prefix="int8-gate-", dir=output.parent))
     try:
         residual = q.residual_adds
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", residual_adds=residual)
@@ -84,12 +83,11 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"
             write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, residual_adds=residual)
-            on_ort = judge("quantize", on_decision_images(OnnxRuntimeRunner(path, threads=ctx.threads),
-                                                          f"INT8 ONNX Runtime, {len(excluded)} layers in float"))
+            on_ort = judge("quantize", on_decision_images(onnxruntime_spec(path, ctx.threads),
+                                                          f"INT8 ONNX Runtime, {len(excluded)} layers in float").logits)
             xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
             on_openvino = judge("openvino_int8", on_decision_images(
-                OpenVinoRunner(xml, inference_precision=hint, threads=ctx.threads),
-                f"INT8 OpenVINO, {len(excluded)} layers in float"))
+                openvino_spec(xml, hint, ctx.threads), f"INT8 OpenVINO, {len(excluded)} layers in float").logits)
             name, ort_figure, higher = gate_figure(on_ort)
             _, ov_figure, _ = gate_figure(on_openvino)
             figure = min(ort_figure, ov_figure) if higher else max(ort_figure, ov_figure)
@@ -106,7 +104,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
         result = fallback(evaluate, ranking, q.max_fallback_layers, q.fallback_group, higher_is_better=higher_is_better)
         record = {
             "passed": result.passed,
-            "decided_on": {"images": len(decision.crops), "digest": decision.digest, "labelled": labelled,
+            "decided_on": {"images": len(expected), "digest": reference.digest(), "labelled": labelled,
                            "reference": f"{'equalized' if q.equalization else 'simplified'} FP32 ONNX in ONNX Runtime",
                            "budgets": {stage: ctx.config.gate_budget(stage, ctx.random_weights, labelled).as_dict()
                                        for stage in ("quantize", "openvino_int8")}},
@@ -122,12 +120,12 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
             raise DriftError(
                 f"{ctx.model_name}: INT8 stays over budget with up to {len(result.attempts[-1].excluded)} layers in float; "
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
-                f"on {len(decision.crops)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
+                f"on {len(expected)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
                 f"more fallback: quantization.max_fallback_layers)")
         summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, residual_adds=residual)
         # The stage's drift check: the chosen model, once, on the evaluation images.
-        np.save(output.parent / LOGITS_FILE, ctx.predict(OnnxRuntimeRunner(output, threads=ctx.threads),
-                                                         q.evaluation_images, "INT8 ONNX Runtime, the chosen model"))
+        np.save(output.parent / LOGITS_FILE, ctx.evaluate(onnxruntime_spec(output, ctx.threads), q.evaluation_images,
+                                                          "INT8 ONNX Runtime, the chosen model").logits)
         record["placement"] = describe_placement(output)
         record["summary"] = summary.as_dict()
         return record
