@@ -253,7 +253,8 @@ def _build(args) -> int:
         reporter.say(f"building {', '.join(names)} → {config.target} as Ray tasks")
         built_on_ray = build_matrix(config, [(name, config.target) for name in names], args.force, not args.no_wait)
     for name in names:
-        reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}, {config.weights} weights)")
+        weights = "" if resolve_model(name).own else f", {config.weights} weights"  # your model carries its own
+        reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}{weights})")
         root = _root(config, name)
         with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # the build and its report
             manifest = built_on_ray.get((name, config.target)) or Builder(config, name, reporter, force=args.force).run()

@@ -141,11 +141,6 @@ class BuildContext:
     def scan_skipped(self, value: tuple) -> None:
         self._frames_skipped = value
 
-    @property
-    def images_read(self) -> bool:
-        """Whether this run read its image folders (not when every stage was cached and they are absent)."""
-        return "_pools" in self.__dict__
-
     def _select(self, pool, count: int, exclude=frozenset()):
         """`count` images of `pool`, balanced and seeded (`calibration.sampling`), leaving out the paths in `exclude`.
         A train/ tree (`ClassFolders`) selects lazily, listing only the class folders it reaches."""
@@ -206,11 +201,6 @@ class BuildContext:
     @cached_property
     def decision_digest(self) -> str:
         return self._digest("decision", "decision_records")
-
-    def decision_labels(self, num_classes: int) -> np.ndarray:
-        """The decision images' labels, all -1 where ImageNet's labels do not apply."""
-        labels = self.decision.labels
-        return labels if self.uses_imagenet_labels(num_classes) else np.full_like(labels, -1)
 
     def _load(self, records, kind: str) -> ImageSet:
         from calibration import images
