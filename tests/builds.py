@@ -73,3 +73,22 @@ def copy_bundle(build_root: Path, folder: Path, *leave_out: str) -> Path:
     copy = folder / "bundle"
     shutil.copytree(build_root / "bundle", copy, ignore=shutil.ignore_patterns(*leave_out) if leave_out else None)
     return copy
+
+
+def build_with_option(work: Path, imagenet: Path, target: str, option: str, int8_stages: tuple[str, ...]):
+    """A small Lite0 INT8 build with one `quantization` option set (e.g. "equalization: true"), its INT8 stages'
+    budgets relaxed for its 32 evaluation images: returns (root, manifest, the build's command line)."""
+    import json
+
+    from pipeline.cli import main
+
+    relaxed = ", ".join(f"{stage}: {{max_top1_drop: 5.0}}" for stage in int8_stages)
+    (work / "option.yaml").write_text(
+        "data: {calibration_images: 32, evaluation_images: 16}\n"
+        f"quantization: {{{option}, evaluation_images: 32, decision_images: 32, sensitivity_images: 4}}\n"
+        f"drift: {{{relaxed}}}\n")
+    args = ["build", "--model", MODEL, "--target", target, "--imagenet", str(imagenet),
+            "--config", str(work / "option.yaml"), "--build-dir", str(work / "build"), "--no-report"]
+    assert main(args) == 0
+    root = work / "build" / MODEL / target
+    return root, json.loads((root / "manifest.json").read_text()), args

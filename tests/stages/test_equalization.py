@@ -177,16 +177,9 @@ def test_int8_build_with_equalization_passes_its_drift_checks(tmp_path, imagenet
     """A small Lite0 INT8 build with quantization.equalization: the equalize stage is checked on the lossless
     budget, calibration and the gate read the equalized graph, and every later stage passes."""
     from pipeline.cli import main
+    from tests.builds import build_with_option
 
-    (tmp_path / "equalize.yaml").write_text(
-        "data: {calibration_images: 32, evaluation_images: 16}\n"
-        "quantization: {equalization: true, evaluation_images: 32, decision_images: 32, sensitivity_images: 4}\n"
-        "drift: {quantize: {max_top1_drop: 5.0}, openvino_int8: {max_top1_drop: 5.0}}\n")
-    args = ["build", "--model", "efficientnet_lite0", "--target", "cpu", "--imagenet", str(imagenet),
-            "--config", str(tmp_path / "equalize.yaml"), "--build-dir", str(tmp_path / "build"), "--no-report"]
-    assert main(args) == 0
-    root = tmp_path / "build" / "efficientnet_lite0" / "cpu"
-    manifest = json.loads((root / "manifest.json").read_text())
+    root, manifest, args = build_with_option(tmp_path, imagenet, "cpu", "equalization: true", ("quantize", "openvino_int8"))
     stages = manifest["stages"]
     assert list(stages).index("equalize") == list(stages).index("calibrate") - 1
     equalize = stages["equalize"]

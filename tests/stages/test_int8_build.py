@@ -170,15 +170,10 @@ def test_residual_adds_in_int8_through_every_int8_stage(tmp_path, imagenet):
     stages pass their drift checks."""
     import onnx
 
-    (tmp_path / "residual.yaml").write_text(
-        "data: {calibration_images: 32, evaluation_images: 16}\n"
-        "quantization: {residual_adds: true, evaluation_images: 32, decision_images: 32, sensitivity_images: 4}\n"
-        "drift: {quantize: {max_top1_drop: 5.0}, quantize_fp16: {max_top1_drop: 5.0}}\n")
-    args = ["build", "--model", "efficientnet_lite0", "--target", "desktop-gpu", "--imagenet", str(imagenet),
-            "--config", str(tmp_path / "residual.yaml"), "--build-dir", str(tmp_path / "build"), "--no-report"]
-    assert main(args) == 0
-    root = tmp_path / "build" / "efficientnet_lite0" / "desktop-gpu"
-    manifest = json.loads((root / "manifest.json").read_text())
+    from tests.builds import build_with_option
+
+    root, manifest, _ = build_with_option(tmp_path, imagenet, "desktop-gpu", "residual_adds: true",
+                                       ("quantize", "quantize_fp16"))
     assert manifest["stages"]["quantize"]["drift"]["passed"] and manifest["stages"]["quantize_fp16"]["drift"]["passed"]
     table = json.loads((root / "calibrate" / "calibration.json").read_text())["tensors"]
     for stage in ("quantize", "quantize_fp16"):
