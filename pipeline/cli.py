@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, help="a pipeline.yaml whose keys override the defaults")
-    common.add_argument("--target", choices=TARGETS, help="where the artifact runs (default: pipeline.yaml's target)")
+    common.add_argument("--target", action="append", choices=TARGETS,
+                        help="where the artifact runs; repeat for several (default: pipeline.yaml's target)")
     common.add_argument("--model", action="append", metavar="NAME",
                         help="network to build; repeat for several, or 'all' (default: pipeline.yaml's models)")
     common.add_argument("--build-dir", type=Path, help="artifact folder (default: build)")
@@ -151,12 +152,18 @@ def _image_count(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of images or 'all', not {text!r}") from None
 
 
-def _config(args):
+def _configs(args) -> tuple[list, list[str]]:
+    """One configuration per --target (pipeline.yaml's target without one), and the --model names."""
+    configs = [_config(args, target)[0] for target in dict.fromkeys(args.target or [None])]
+    return configs, _model_names(configs[0])
+
+
+def _config(args, target: str | None = None):
     from pipeline.config import load_config
 
     overrides: dict = {}
-    if args.target:
-        overrides["target"] = args.target
+    if target:
+        overrides["target"] = target
     if args.build_dir:
         overrides["build_dir"] = str(args.build_dir)
     if args.model:
@@ -230,35 +237,37 @@ def _root(config, name: str) -> Path:
 
 def _build(args) -> int:
     import os
+    from dataclasses import replace
 
     from pipeline.build import Builder
     from pipeline.lock import folder_lock
     from pipeline.progress import Reporter
 
-    config, names = _config(args)
+    configs, names = _configs(args)
     if "IMAGENET_DIR" in os.environ and not args.imagenet:
-        from dataclasses import replace
-
-        config = replace(config, data=replace(config.data, imagenet=os.environ["IMAGENET_DIR"]))
+        configs = [replace(config, data=replace(config.data, imagenet=os.environ["IMAGENET_DIR"])) for config in configs]
     from pipeline.models.source import check_model, resolve_model
 
     for name in names:  # a bad ONNX file, factory or option: one line before anything runs
-        check_model(resolve_model(name), config)
+        check_model(resolve_model(name), configs[0])
     reporter = Reporter()
-    manifests = {}
+    jobs = [(config, name) for config in configs for name in names]
     built_on_ray = {}
-    if config.executor.kind == "ray" and len(names) > 1:  # a model matrix: one Ray task per build
+    if configs[0].executor.kind == "ray" and len(jobs) > 1:  # a model matrix: one Ray task per build
         from pipeline.executor.matrix import build_matrix
 
-        reporter.say(f"building {', '.join(names)} → {config.target} as Ray tasks")
-        built_on_ray = build_matrix(config, [(name, config.target) for name in names], args.force, not args.no_wait)
-    for name in names:
+        targets = ", ".join(config.target for config in configs)
+        reporter.say(f"building {', '.join(names)} → {targets} as Ray tasks")
+        built_on_ray = build_matrix(configs[0], [(name, config.target) for config, name in jobs],
+                                    args.force, not args.no_wait)
+    manifests: dict = {}
+    for config, name in jobs:
         weights = "" if resolve_model(name).own else f", {config.weights} weights"  # your model carries its own
         reporter.say(f"[bold]{name}[/] → {config.target} ({config.precision}{weights})")
         root = _root(config, name)
         with folder_lock(root, wait=not args.no_wait, say=reporter.say):  # the build and its report
             manifest = built_on_ray.get((name, config.target)) or Builder(config, name, reporter, force=args.force).run()
-            manifests[name] = manifest
+            manifests.setdefault(config.target, {})[name] = manifest
             built = manifest["built_this_run"]
             reporter.say("  nothing to rebuild: every stage was cached" if not built else f"  rebuilt: {', '.join(built)}")
             reporter.drift_table(name, manifest)
@@ -268,8 +277,8 @@ def _build(args) -> int:
 
                 written = write_report(root, latency_seconds=1.0, reporter=reporter)
                 reporter.say(f"  report: {written}")
-    if args.json:
-        print(json.dumps(manifests, indent=2, default=str))
+    if args.json:  # {model: manifest}; with several --target, {target: {model: manifest}}
+        print(json.dumps(manifests if len(configs) > 1 else manifests[configs[0].target], indent=2, default=str))
     return 0
 
 
@@ -277,13 +286,13 @@ def _stages(args) -> int:
     from pipeline.cache import MARKER
     from pipeline.stages import stages_for
 
-    config, names = _config(args)
+    configs, names = _configs(args)
     rows = []
-    for name in names:
+    for config, name in [(config, name) for config in configs for name in names]:
         root = _root(config, name)
         for stage in stages_for(config):
             done = (root / stage.name / MARKER).exists()
-            rows.append({"model": name, "stage": stage.name, "inputs": list(stage.inputs),
+            rows.append({"model": name, "target": config.target, "stage": stage.name, "inputs": list(stage.inputs),
                          "description": stage.description, "built": done,
                          "checked_against_reference": stage.runner is not None})
     if args.json:
@@ -292,15 +301,16 @@ def _stages(args) -> int:
         for row in rows:
             state = "built" if row["built"] else "not built"
             after = f" ← {', '.join(row['inputs'])}" if row["inputs"] else ""
-            print(f"{row['model']:<20} {row['stage']:<14} {state:<10} {row['description']}{after}")
+            model = row["model"] if len(configs) == 1 else f"{row['model']} → {row['target']}"
+            print(f"{model:<20} {row['stage']:<14} {state:<10} {row['description']}{after}")
     return 0
 
 
 def _clean(args) -> int:
     from pipeline.lock import folder_lock
 
-    config, names = _config(args)
-    for name in names:
+    configs, names = _configs(args)
+    for config, name in [(config, name) for config in configs for name in names]:
         root = _root(config, name)
         if not root.exists():
             print(f"nothing to remove at {root}")

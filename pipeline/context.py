@@ -278,11 +278,15 @@ class BuildContext:
         """`Predictions` of the artifact `spec` (`pipeline.executor.work.RunnerSpec`) on the first `count` images of
         `kind`, through the configured executor."""
         predictions = self.executor.predict(spec, self.images(kind), count, what, self.preprocessing)
-        if predictions.skipped:  # a Ray run decodes in its workers: their skipped files are the build's
-            self.decode_skipped[kind] = predictions.skipped
-            for skipped in predictions.skipped:
-                self.reporter.warn(f"skipped {skipped}")
+        self.record_skipped(kind, predictions.skipped)
         return predictions
+
+    def record_skipped(self, kind: str, skipped: tuple) -> None:
+        """Files an executor's workers could not decode (a Ray run decodes there): the build's, as if decoded here."""
+        if skipped:
+            self.decode_skipped[kind] = skipped
+            for each in skipped:
+                self.reporter.warn(f"skipped {each}")
 
     def labels(self, reference: StageRecord) -> np.ndarray:
         """The evaluation labels, all -1 where they do not apply (a fine-tuned head, unlabelled frames)."""

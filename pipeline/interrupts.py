@@ -33,7 +33,12 @@ class Interrupted(KeyboardInterrupt):
         return f"interrupted{where}; run the same command to continue"
 
 
+_received: list[int] = []  # the signals _raise saw: code that catches our exception and raises a plain
+# KeyboardInterrupt in its place (Ray's ray.wait / ray.get do) must not turn SIGTERM into SIGINT
+
+
 def _raise(signum, frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -44,6 +49,7 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     previous = {number: signal.signal(number, _raise) for number in SIGNALS}
+    _received.clear()
     try:
         yield
     finally:
@@ -53,5 +59,5 @@ def signals_raise() -> Iterator[None]:
 
 def at_stage(error: KeyboardInterrupt, stage: str | None) -> Interrupted:
     """The same interruption, naming the stage it stopped (a plain KeyboardInterrupt counts as SIGINT)."""
-    signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+    signum = error.signum if isinstance(error, Interrupted) else (_received[-1] if _received else signal.SIGINT)
     return Interrupted(signum, (error.stage if isinstance(error, Interrupted) else None) or stage)

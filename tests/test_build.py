@@ -227,6 +227,27 @@ def test_json_stages_and_clean_commands(built, tmp_path, capsys):
     assert not any(r["built"] for r in json.loads(capsys.readouterr().out))
 
 
+def test_stages_and_clean_take_several_targets(tmp_path, capsys):
+    """`--target` repeats: `stages` lists each target's graph (rows carry their target), `clean` visits each."""
+    from pipeline.stages import stages_for
+    from pipeline.config import load_config
+
+    common = ["--model", "efficientnet_lite0", "--build-dir", str(tmp_path / "build"), "--target", "cpu",
+              "--target", "jetson"]
+    assert main(["stages", *common, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for target in ("cpu", "jetson"):
+        expected = [stage.name for stage in stages_for(load_config(None, {"target": target}))]
+        assert [row["stage"] for row in rows if row["target"] == target] == expected
+    assert {row["target"] for row in rows} == {"cpu", "jetson"} and not any(row["built"] for row in rows)
+    assert main(["stages", *common]) == 0
+    assert "efficientnet_lite0 → jetson" in capsys.readouterr().out
+    assert main(["clean", *common]) == 0
+    out = capsys.readouterr().out
+    for target in ("cpu", "jetson"):
+        assert f"nothing to remove at {tmp_path / 'build' / 'efficientnet_lite0' / target}" in out
+
+
 @pytest.mark.slow
 def test_fine_tuned_network_with_its_own_labels_and_input_size(imagenet, tmp_path, capsys):
     """A 10-class EfficientNet-Lite0 checkpoint at 192x192: classes read from the head, labels carried."""

@@ -41,7 +41,7 @@ def _rate(executor, spec, ctx, count: int) -> float:
 
 
 def measure(build_args: list[str], images: int, workers: list[int]) -> dict:
-    from pipeline.cli import _config, _parser
+    from pipeline.cli import _configs, _parser
     from pipeline.context import BuildContext
     from pipeline.executor.local import LocalExecutor
     from pipeline.plan import BuildPlan
@@ -50,7 +50,7 @@ def measure(build_args: list[str], images: int, workers: list[int]) -> dict:
     import os
 
     load_before = os.getloadavg()[0]
-    config, names = _config(_parser().parse_args(["build", *build_args]))
+    (config, *_), names = _configs(_parser().parse_args(["build", *build_args]))
     reporter = Reporter()
     ctx = BuildContext(BuildPlan(config, names[0]), reporter)
     specs = _specs(ctx)

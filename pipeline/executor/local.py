@@ -41,11 +41,12 @@ class LocalExecutor:
                            getattr(runner, "execution_precision", "fp32"))
 
     def calibrate(self, onnx_path, tensors, images: Images, preprocessing, threads, **method):
+        """The table, and no skipped files: decoding them here, the build context recorded its own."""
         from calibration.statistics import ImageBatches, collect_ranges
 
         batches = ImageBatches(images.load().crops, preprocessing, self.batch_size)
         return collect_ranges(onnx_path, tensors, batches, threads=threads,
-                              progress=self.reporter.progress(f"calibrating ({method['method']})"), **method)
+                              progress=self.reporter.progress(f"calibrating ({method['method']})"), **method), ()
 
     def close(self) -> None:
         pass

@@ -11,6 +11,8 @@ result depends only on its images and its artifact, so a retried shard gives the
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -28,11 +30,17 @@ def connect(address: str) -> None:
     """Join the cluster at `address` ("" = start or reuse one on this machine) unless this process has."""
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler with one that exits 15 at once; the command's own
+    # (pipeline.interrupts) unwinds the build first: temporary folders removed, lock released, exit 143.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise PipelineError(f"executor.address / --ray-address {address!r}: cannot join a Ray cluster "
                             f"({str(error).splitlines()[0]}); start one with `ray start --head`") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def _remote(function):
@@ -93,7 +101,7 @@ class RayExecutor:
     def calibrate(self, onnx_path, tensors, images: Images, preprocessing, threads, method: str,
                   percentile: float, bins: int):
         """Two passes of shards: max |x| per shard, merged by max; then histograms over the merged maxima,
-        merged by addition: the local table, bin for bin."""
+        merged by addition: the local table, bin for bin. Returns the table and the files the workers skipped."""
         from calibration.statistics import check_method, table_from
 
         check_method(method, bins, percentile)
@@ -104,8 +112,9 @@ class RayExecutor:
         source = str(onnx_path)
         first = self._gather([_shard_maxima.options(num_cpus=self.worker_cpus).remote(
             source, names, shard, self.worker_cpus) for shard in shards], f"calibrating ({method}): ranges")
-        maxima = np.maximum.reduce([m for m, _ in first])
-        count = sum(n for _, n in first)
+        maxima = np.maximum.reduce([m for m, _, _ in first])
+        count = sum(n for _, n, _ in first)
+        skipped = tuple(item for _, _, part in first for item in part)
         if not count:
             raise PipelineError(f"no readable images among the {len(images.records)} calibration images")
         hists = None
@@ -114,7 +123,7 @@ class RayExecutor:
                 source, names, shard, self.worker_cpus, maxima, bins) for shard in shards],
                 f"calibrating ({method}): histograms")
             hists = np.sum(parts, axis=0)
-        return table_from(names, maxima, hists, method, percentile, bins, count)
+        return table_from(names, maxima, hists, method, percentile, bins, count), skipped
 
     def close(self) -> None:
         pass

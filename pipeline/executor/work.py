@@ -109,17 +109,19 @@ def predict_shard(spec: RunnerSpec, shard: Shard, progress=None) -> ShardLogits:
         close(runner)
 
 
-def shard_maxima(onnx_path: str, tensors: list[str], shard: Shard, threads: int | None) -> tuple[np.ndarray, int]:
-    """Calibration's first pass on one shard: max |x| of every tensor, and the images read."""
+def shard_maxima(onnx_path: str, tensors: list[str], shard: Shard,
+                 threads: int | None) -> tuple[np.ndarray, int, tuple[Skipped, ...]]:
+    """Calibration's first pass on one shard: max |x| of every tensor, the images read and the files skipped."""
     from calibration.statistics import TensorReader, update_maxima
 
     reader = TensorReader(_path(onnx_path), tensors, threads)
-    maxima, images = np.zeros(len(reader.names), np.float64), 0
+    maxima, images, skipped = np.zeros(len(reader.names), np.float64), 0, []
     for batch in _batches(shard):
+        skipped.extend(batch.skipped)
         if len(batch.records):
             update_maxima(maxima, reader.run(batch.inputs()), reader)
             images += len(batch.records)
-    return maxima, images
+    return maxima, images, tuple(skipped)
 
 
 def shard_histograms(onnx_path: str, tensors: list[str], shard: Shard, threads: int | None, maxima: np.ndarray,

@@ -47,8 +47,10 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
         dla = {"tensors": list(dict.fromkeys(dla_tensors(source) + list(share))), "share": share}
         tensors = list(dict.fromkeys(tensors + dla["tensors"] + list(share.values())))
     # Locally one pass over the decoded images; on Ray, statistics per shard, merged (pipeline/executor/).
-    table = ctx.executor.calibrate(source, tensors, ctx.images("calibration"), ctx.preprocessing, ctx.threads,
-                                   method=q.method, percentile=q.percentile, bins=q.histogram_bins)
+    table, skipped = ctx.executor.calibrate(source, tensors, ctx.images("calibration"), ctx.preprocessing,
+                                            ctx.threads, method=q.method, percentile=q.percentile,
+                                            bins=q.histogram_bins)
+    ctx.record_skipped("calibration", skipped)
     table = replace(table, dla=dla)
     table.save(folder / TABLE_FILE)
     return {"method": table.method, "images": table.images, "tensors": len(table.amax),

@@ -1,12 +1,19 @@
-"""The Ray executor on a real local Ray cluster (2 CPUs, one per test module): a Lite0 INT8 build through Ray
-gives the local build's drift figures and calibration table; a worker killed mid-evaluation is retried with the
-same result; a model-matrix task never builds a folder another process holds."""
+"""The Ray executor on a real Ray cluster on this machine (`ray start --head`, 2 CPUs, one per test module, joined
+by address as a user joins theirs): a Lite0 INT8 build through Ray gives the local build's drift figures and
+calibration table; a worker killed mid-evaluation is retried with the same result; files the workers cannot
+decode are the build's skipped files; `build --ray-address` builds a model for two targets as Ray tasks; SIGTERM
+stops such a build as it stops a local one; a model-matrix task never builds a folder another process holds."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -25,11 +32,47 @@ EXACT = ("images", "labelled_images", "ref_top1", "ref_top5", "top1", "top5", "f
          "agreement", "passed", "failures")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
+def cluster(tmp_path_factory) -> str:
+    """The address of a Ray head started for this module, in a process group of its own that teardown ends.
+    Token authentication (on by default since Ray 2.5x) is off: the cluster serves this machine's tests only."""
+    address = f"127.0.0.1:{_free_port()}"
+    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    # A temporary folder of its own (short: Ray's socket paths must fit 107 bytes): the head records its address
+    # there, not in /tmp/ray/ray_current_cluster, where a dead head would make ray.init() on this machine hang.
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--num-cpus", "2", "--port", address.split(":")[1], "--include-dashboard", "false",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in Path(log.name).read_text():
+            assert head.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-2000:]
+            time.sleep(0.2)
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    except BaseException:
+        os.killpg(head.pid, signal.SIGKILL)
+        raise
+    yield address
     ray.shutdown()
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # raylet's agents outlive `ray start`'s own exit
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,30 +124,37 @@ def test_a_build_through_ray_gives_the_local_figures_and_table(ray_build, small_
     assert remote["stages"]["quantize"]["facts"]["excluded_layers"] == local["stages"]["quantize"]["facts"]["excluded_layers"]
 
 
+def _shard_running() -> int | None:
+    """The pid of a Ray worker running a shard (its process title is ray::predict_shard), if one is."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::predict_shard"):
+            return int(pid)
+    return None
+
+
 def _kill_one_shard(killed: list) -> None:
-    """SIGKILL the first Ray worker seen running a shard (its process title is ray::predict_shard)."""
+    """SIGKILL the first Ray worker seen running a shard."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not killed:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if title.startswith(b"ray::predict_shard"):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-                return
+        if pid := _shard_running():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
         time.sleep(0.01)
 
 
 def _context(small_cpu_build, shard_images: int):
     """The small build's context, configured for Ray with shards of `shard_images`."""
-    from pipeline.cli import _config, _parser
+    from pipeline.cli import _configs, _parser
     from pipeline.context import BuildContext
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
 
-    config, _ = _config(_parser().parse_args(small_cpu_build.args()))
+    (config,), _ = _configs(_parser().parse_args(small_cpu_build.args()))
     config = replace(config, executor=replace(config.executor, kind="ray", shard_images=shard_images))
     return config, BuildContext(BuildPlan(config, MODEL), Reporter())
 
@@ -119,10 +169,11 @@ def test_calibration_on_ray_merges_shards_into_the_local_table(cluster, small_cp
     onnx = small_cpu_build.root / "simplify" / "model.onnx"
     tensors = quantized_activations(onnx)
     method = {"method": "percentile", "percentile": 99.99, "bins": 2048}
-    local = LocalExecutor(8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"), ctx.preprocessing, 2,
-                                                   **method)
-    remote = RayExecutor(config.executor, 8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"),
-                                                                    ctx.preprocessing, 1, **method)
+    local, _ = LocalExecutor(8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"), ctx.preprocessing,
+                                                      2, **method)
+    remote, skipped = RayExecutor(config.executor, 8, Reporter()).calibrate(onnx, tensors, ctx.images("calibration"),
+                                                                             ctx.preprocessing, 1, **method)
+    assert skipped == ()
     assert remote.images == local.images == 64  # 4 shards of 16
     assert remote.as_dict() == local.as_dict()
     assert remote.as_dict()["tensors"] == json.loads((small_cpu_build.root / "calibrate" / "calibration.json")
@@ -174,19 +225,19 @@ def test_the_local_executor_never_imports_ray(small_cpu_build):
 
     script = f"""
 import sys
-from pipeline.cli import _config, _parser, main
+from pipeline.cli import _configs, _parser, main
 from pipeline.context import BuildContext
 from pipeline.executor.work import onnxruntime_spec
 from pipeline.plan import BuildPlan
 from pipeline.progress import Reporter
 args = {small_cpu_build.args()!r}
 assert main(args) == 0
-config, names = _config(_parser().parse_args(args))
+(config,), names = _configs(_parser().parse_args(args))
 ctx = BuildContext(BuildPlan(config, names[0]), Reporter())
 onnx = {str(small_cpu_build.root / "simplify" / "model.onnx")!r}
 assert len(ctx.evaluate(onnxruntime_spec(onnx, 1), 16, "check").logits) == 16
-table = ctx.executor.calibrate(onnx, ["input"], ctx.images("calibration"), ctx.preprocessing, 1, method="minmax",
-                               percentile=99.99, bins=2048)
+table, _ = ctx.executor.calibrate(onnx, ["input"], ctx.images("calibration"), ctx.preprocessing, 1,
+                                  method="minmax", percentile=99.99, bins=2048)
 assert table.images == 64 and ctx.executor.kind == "local"
 assert "ray" not in sys.modules, "the local executor imported ray"
 print("no ray")
@@ -196,20 +247,83 @@ print("no ray")
     assert "no ray" in done.stdout
 
 
-@pytest.mark.slow
-def test_a_matrix_builds_two_targets_as_ray_tasks(cluster, tmp_path, imagenet):
-    """Two FP32 Lite0 builds (cpu, desktop-gpu) as Ray tasks into one build folder, each complete and checked."""
-    from pipeline.config import load_config
-    from pipeline.executor.matrix import build_matrix
-    from pipeline.layout import build_root
+def test_files_the_workers_cannot_decode_are_the_calibrate_stages_skipped_files(cluster, small_cpu_build, tmp_path):
+    """A calibration image that no worker can decode is reported back, warned about and kept with the calibrate
+    stage (its stage.json, then the manifest), as a local build keeps the files it could not decode."""
+    from calibration.datasets import ImageRecord
+    from pipeline.executor.ray_cluster import RayExecutor
+    from pipeline.executor.requests import Images
+    from pipeline.progress import Reporter
+    from pipeline.skipped import decoded_by
+    from pipeline.stages import stages_for
+    from pipeline.stages.quantize.qdq import quantized_activations
 
-    config = load_config(None, {"build_dir": str(tmp_path / "build"), "data": {"imagenet": str(imagenet),
-                                "evaluation_images": 16}, "precision": "fp32", "bundle": {"golden_images": 8},
-                                "executor": {"kind": "ray"}})
-    jobs = [(MODEL, "cpu"), (MODEL, "desktop-gpu")]
-    manifests = build_matrix(config, jobs)
-    assert list(manifests) == jobs
-    for (model, target), manifest in manifests.items():
+    config, ctx = _context(small_cpu_build, 8)
+    broken = tmp_path / "broken.JPEG"
+    broken.write_text("not a JPEG at all")
+    records = (*ctx.calibration_records[:15], ImageRecord(broken, 0))
+    onnx = small_cpu_build.root / "simplify" / "model.onnx"
+    table, skipped = RayExecutor(config.executor, 8, Reporter()).calibrate(
+        onnx, quantized_activations(onnx), Images("calibration", records, None), ctx.preprocessing, 1,
+        method="minmax", percentile=99.99, bins=2048)
+    assert table.images == 15
+    assert [(item.path, item.kind) for item in skipped] == [(broken, "unreadable")]
+    ctx.record_skipped("calibration", skipped)
+    calibrate = next(stage for stage in stages_for(config) if stage.name == "calibrate")
+    assert decoded_by(ctx, calibrate) == [{"path": str(broken), "kind": "unreadable", "reason": skipped[0].reason,
+                                           "images": "calibration"}]
+
+
+TINY = """\
+precision: fp32
+data: {evaluation_images: 16}
+bundle: {golden_images: 8, include_wheel: false}
+executor: {shard_images: 8}
+"""
+
+
+def _cli(cluster: str, work: Path, imagenet: Path, *extra: str) -> list[str]:
+    """`python -m pipeline build` of a tiny FP32 Lite0 build, joining the test's cluster by --ray-address."""
+    (work / "tiny.yaml").write_text(TINY)
+    return [sys.executable, "-m", "pipeline", "build", "--model", MODEL, "--ray-address", cluster, "--imagenet",
+            str(imagenet), "--build-dir", str(work / "build"), "--config", str(work / "tiny.yaml"), "--no-report",
+            *extra]
+
+
+@pytest.mark.slow  # two FP32 builds (about a minute on two cores)
+def test_build_with_a_ray_address_builds_each_target_as_a_ray_task(cluster, tmp_path, imagenet):
+    """`build --target cpu --target desktop-gpu --ray-address HOST:PORT`, as a user types it: two builds as Ray
+    tasks of the cluster at that address, into one build folder, each complete and checked."""
+    done = subprocess.run(_cli(cluster, tmp_path, imagenet, "--target", "cpu", "--target", "desktop-gpu", "--json"),
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"building {MODEL} → cpu, desktop-gpu as Ray tasks" in done.stderr + done.stdout
+    manifests = json.loads(done.stdout[done.stdout.index("{"):])
+    assert list(manifests) == ["cpu", "desktop-gpu"]
+    for target, by_model in manifests.items():
+        manifest = by_model[MODEL]
         assert manifest["status"] == "ok" and manifest["target"] == target
-        assert (build_root(config.build_dir, model, target) / "bundle" / "manifest.json").is_file()
+        assert (tmp_path / "build" / MODEL / target / "bundle" / "manifest.json").is_file()
         assert all(stage["drift"]["passed"] for stage in manifest["stages"].values() if stage["drift"])
+
+
+def test_sigterm_stops_a_build_on_ray_as_it_stops_a_local_one(cluster, tmp_path, imagenet):
+    """ray.init installs a SIGTERM handler that exits 15 at once; the build keeps its own: SIGTERM while the
+    reference runs on the cluster exits 143 with one line naming the stage, no temporary folder and no lock."""
+    from pipeline.lock import folder_lock
+
+    root = tmp_path / "build" / MODEL / "cpu"
+    process = subprocess.Popen(_cli(cluster, tmp_path, imagenet, "--target", "cpu"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 300
+    while not _shard_running() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert _shard_running() and list(root.glob(".reference.*.tmp")), "the reference never ran on the cluster"
+    os.kill(process.pid, signal.SIGTERM)  # after ray.init: a shard runs
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted in reference; run the same command to continue"
+    assert "Traceback" not in err
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+    with folder_lock(root, wait=False):  # released
+        pass
