@@ -93,6 +93,7 @@ class QuantizationOptions:
     residual_adds: bool = False  # residual Adds read both inputs through Q/DQ (TensorRT's fusable placement)
     bias_correction: bool = True  # each INT8 Conv's bias corrected by its weight rounding's mean output shift
     equalization: bool = False  # cross-layer equalization of the FP32 graph before calibration (exact pairs only)
+    unsigned_activations: bool = True  # CPU target: never-negative activations in UINT8 (TensorRT: INT8 only)
     decision_images: int = 480  # labelled train-sample/ images the gate decides on (never calibration images)
     sensitivity_images: int = 16
     max_fallback_layers: int = 24

@@ -78,6 +78,8 @@ def _config_of(build: Build):
                          "histogram_bins": calibrate["params"]["bins"],
                          "evaluation_images": quantize["params"]["evaluation_images"],
                          "residual_adds": bool(quantize["params"].get("residual_adds", False)),
+                         # what the build resolved (pipeline.stages.quantize.unsigned); older builds: signed
+                         "unsigned_activations": bool(quantize["params"].get("unsigned_activations", False)),
                          "equalization": "equalize" in stages},
     }
     if "frames" in data:
@@ -97,6 +99,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     from pipeline.stages.equalize import quantized_source
     from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import quantized_activations, write_qdq_model
+    from pipeline.stages.quantize.unsigned import unsigned_activations
     from targets.onnxruntime import OnnxRuntimeRunner
 
     reporter = reporter or Reporter(quiet=True)
@@ -134,7 +137,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
                                        progress=ctx.progress(f"calibrating ({method})"))
             path = scratch / f"{method}.onnx"
             write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts,
-                            residual_adds=config.quantization.residual_adds)
+                            residual_adds=config.quantization.residual_adds, unsigned=unsigned_activations(config))
             logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count, f"INT8 ONNX Runtime ({method})")
             result = compare(f"quantize ({method})", reference, logits, labels, budget)
             reporter.say(f"  calibration {method}: {result.summary()}")

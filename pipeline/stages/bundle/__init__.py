@@ -64,7 +64,8 @@ def stage(config, inputs: tuple[str, ...]) -> Stage:
                  uses_evaluation_images=True,
                  modules=("pipeline.stages.bundle.golden", "pipeline.stages.bundle.models",
                           "pipeline.stages.bundle.package", "pipeline.artifact", "targets.runner",
-                          "targets.onnxruntime", "pipeline.stages.fp16", "pipeline.stages.quantize.qdq"))
+                          "targets.onnxruntime", "pipeline.stages.fp16", "pipeline.stages.quantize.qdq",
+                          "pipeline.stages.quantize.unsigned"))
 
 
 def _labels_identity(config) -> str:

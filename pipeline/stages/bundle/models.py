@@ -47,8 +47,7 @@ def gpu_models(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):
         fallback = fallback_layers(gate, ctx.config.quantization.fallback_group)
         shutil.copyfile(inputs["quantize"].path(ONNX_FILE), models / "int8_qdq.onnx")
         shutil.copyfile(inputs["quantize_fp16"].path(ONNX_FILE), models / "int8_qdq_fp16.onnx")
-        _write_fallback(inputs, excluded + fallback, models / "int8_qdq_fallback.onnx",
-                        ctx.config.quantization.residual_adds)
+        _write_fallback(inputs, excluded + fallback, models / "int8_qdq_fallback.onnx", ctx.config)
         artifacts["int8"] = {
             "file": "models/int8_qdq.onnx", "kind": "onnx", "stage": "quantize",
             "strongly_typed": "models/int8_qdq_fp16.onnx", "fallback": "models/int8_qdq_fallback.onnx",
@@ -74,16 +73,17 @@ def fallback_layers(gate: dict, group: int) -> list[str]:
     return ranked[: 2 * group]
 
 
-def _write_fallback(inputs: dict, excluded: list[str], output: Path, residual_adds: bool) -> None:
+def _write_fallback(inputs: dict, excluded: list[str], output: Path, config) -> None:
     from calibration.statistics import CalibrationTable
-    from pipeline.stages.quantize.qdq import write_qdq_model
-
     from pipeline.stages.quantize.bias import saved_shifts
+    from pipeline.stages.quantize.qdq import write_qdq_model
+    from pipeline.stages.quantize.unsigned import unsigned_activations
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
     source = "equalize" if "equalize" in inputs else "simplify"  # the FP32 ONNX the quantize stage quantized
     write_qdq_model(inputs[source].path(ONNX_FILE), table.amax, output, excluded,
-                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=residual_adds)
+                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=config.quantization.residual_adds,
+                    unsigned=unsigned_activations(config))
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

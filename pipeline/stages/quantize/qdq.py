@@ -4,7 +4,9 @@ The model this writes is what TensorRT builds an INT8 engine from, and what ONNX
 CPU to measure INT8 accuracy before any GPU is involved.
 
 Numerics (TensorRT's only INT8 scheme; ONNX Runtime's defaults, asymmetric QUInt8, break it):
-- activations: INT8, per tensor, symmetric, zero point 0, scale = amax / 127;
+- activations: INT8, per tensor, symmetric, zero point 0, scale = amax / 127; on the CPU target the
+  never-negative ones (after a Relu or ReLU6) UINT8, zero point 0, scale = amax / 255
+  (`pipeline.stages.quantize.unsigned`, `quantization.unsigned_activations`);
 - weights: INT8, per output channel (axis 0), symmetric, zero point 0, scale = max|w[c]| / 127,
   stored as int8 initializers behind a DequantizeLinear (no QuantizeLinear);
 - biases stay float (TensorRT has no INT32 Q/DQ and adds the bias in float inside the fused kernel).
@@ -70,6 +72,7 @@ class QdqSummary:
     excluded_nodes: tuple[str, ...]  # Convs left in float on request
     activation_pairs: int  # Q/DQ pairs on activations (one per quantized tensor)
     weight_dequantize: int  # int8 weight initializers behind a DequantizeLinear
+    unsigned_pairs: int = 0  # of those, pairs on never-negative tensors in uint8 (zero point 0, scale = amax/255)
     activation_type: str = "int8 per-tensor symmetric (zero point 0, scale = amax/127)"
     weight_type: str = "int8 per-channel symmetric (axis 0, zero point 0)"
 
@@ -110,6 +113,7 @@ def write_qdq_model(
     exclude_nodes: Sequence[str] = (),
     bias_shifts: Mapping[str, np.ndarray] | None = None,
     residual_adds: bool = False,
+    unsigned: bool = False,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
@@ -117,6 +121,7 @@ def write_qdq_model(
     (extra entries are ignored). `exclude_nodes` names Convs to keep in float (fallback).
     `bias_shifts` (from `pipeline.stages.quantize.bias`): the bias correction of each INT8 Conv.
     `residual_adds`: residual Adds read both inputs through Q/DQ (`pipeline.stages.quantize.residual`).
+    `unsigned`: never-negative activations as UINT8 (`pipeline.stages.quantize.unsigned`; not for TensorRT).
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -175,6 +180,11 @@ def write_qdq_model(
     _restore_float_consumers(qdq.graph, set(quantized))
     if pairs:
         place_residual_pairs(qdq, pairs, amax)
+    unsigned_pairs = 0
+    if unsigned:
+        from pipeline.stages.quantize.unsigned import make_unsigned
+
+        unsigned_pairs = make_unsigned(qdq, amax)
     if bias_shifts:
         from pipeline.stages.quantize.bias import apply_shifts
 
@@ -190,6 +200,9 @@ def write_qdq_model(
         excluded_nodes=exclude_nodes,
         activation_pairs=placement["activation_pairs"],
         weight_dequantize=placement["weight_dequantize"],
+        unsigned_pairs=unsigned_pairs,
+        **({"activation_type": QdqSummary.activation_type + "; uint8 on never-negative tensors "
+            "(zero point 0, scale = amax/255)"} if unsigned_pairs else {}),
     )
 
 
