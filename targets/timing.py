@@ -78,17 +78,50 @@ def measure_latency(
     # A runner object has `run`; a factory (a function, or a runner class) is called once.
     runner = target if hasattr(target, "run") and not isinstance(target, type) else target()
     x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
-    if hasattr(runner, "bind"):
-        step = runner.bind(x)
-    else:
-        feed = {runner.input_name: x}
-        run = runner.run
-
-        def step():
-            return run(feed)
-
+    step = _step(runner, x)
     for _ in range(warmup):
         step()
+    times = _timed(step, seconds, iterations, min_iterations)
+    return LatencyResult.from_times(name or getattr(runner, "name", "runner"), times, int(input_shape[0]))
+
+
+def measure_interleaved(targets: dict[str, Any], input_shape: Sequence[int], seconds: float = 10.0, rounds: int = 8,
+                        warmup: int = 5, seed: int = 0) -> dict[str, LatencyResult]:
+    """Time several runners (name -> runner or factory) for `seconds` each, in `rounds` alternating slices
+    of seconds / rounds, so that a load that comes and goes on the machine falls on all of them alike:
+    the way to compare two artifacts, where one after the other would compare two moments."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    x = np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)
+    steps = {}
+    for name, target in targets.items():
+        runner = target if hasattr(target, "run") and not isinstance(target, type) else target()
+        steps[name] = _step(runner, x)
+        for _ in range(warmup):
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(rounds):
+        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))  # neither always goes first
+        for name in order:
+            times[name] += _timed(steps[name], seconds / rounds, None, 1)
+    return {name: LatencyResult.from_times(name, values, int(input_shape[0])) for name, values in times.items()}
+
+
+def _step(runner, x: np.ndarray):
+    """One call of `runner` on `x`: the lean OpenVINO loop where the runner has one (`bind`)."""
+    if hasattr(runner, "bind"):
+        return runner.bind(x)
+    feed = {runner.input_name: x}
+    run = runner.run
+
+    def step():
+        return run(feed)
+
+    return step
+
+
+def _timed(step, seconds: float, iterations: int | None, min_iterations: int) -> list[float]:
+    """Milliseconds of each timed call: `iterations` calls, or calls until `seconds` and `min_iterations`."""
     times: list[float] = []
     clock = time.perf_counter
     gc.collect()
@@ -109,4 +142,4 @@ def measure_latency(
     finally:
         if gc_was_enabled:
             gc.enable()
-    return LatencyResult.from_times(name or getattr(runner, "name", "runner"), times, int(input_shape[0]))
+    return times

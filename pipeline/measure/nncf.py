@@ -31,7 +31,7 @@ def compare_nncf(config, models: list[str], seconds: float) -> str:
     from pipeline.progress import Reporter
     from targets.nncf_quantizer import nncf_quantize_ir
     from targets.openvino import OpenVinoRunner
-    from targets.timing import measure_latency
+    from targets.timing import measure_interleaved
 
     check_seconds(seconds)
     rows = []
@@ -57,12 +57,15 @@ def compare_nncf(config, models: list[str], seconds: float) -> str:
                 f"ours: Q/DQ ONNX ({manifest['stages']['calibrate']['facts']['method']}) -> IR": (
                     root / "openvino_int8" / "model.xml", f"{manifest['stages']['quantize']['build_seconds']:.0f} s (gate included)"),
             }
+            shape = (1, 3, ctx.preprocessing.crop, ctx.preprocessing.crop)
+            # Interleaved: the two IRs are timed in alternating slices, so a load that comes and goes falls on both.
+            latencies = measure_interleaved({name: (lambda p=path: OpenVinoRunner(p, ctx.deployed_openvino_hint,
+                                                                                  static_batch=1))
+                                             for name, (path, _) in candidates.items()}, shape, seconds=seconds)
             for name, (path, took) in candidates.items():
                 runner = OpenVinoRunner(path, inference_precision=ctx.deployed_openvino_hint, threads=ctx.threads)
                 result = ctx.judge("openvino_int8", reference, ctx.predict(runner, count, name))
-                shape = (1, 3, ctx.preprocessing.crop, ctx.preprocessing.crop)
-                latency = measure_latency(lambda: OpenVinoRunner(path, ctx.deployed_openvino_hint, static_batch=1), shape,
-                                          seconds=seconds, name=name)
+                latency = latencies[name]
                 d = result.as_dict()
                 model_rows.append({"int8_ir_from": name, "quantize_time": took, "fp32_top1": d["ref_top1"],
                                    "int8_top1": d["top1"], "flips_lost": d["flips_lost"],

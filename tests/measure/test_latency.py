@@ -371,3 +371,33 @@ def test_throughput_table_marks_missing_artifacts(build, tmp_path):
     assert table.row(BENCHMARK_APP_KEY).note.startswith("skipped:")
     with pytest.raises(PipelineError, match="build folder not found"):
         throughput_for_build(tmp_path / "nothing")
+
+
+def test_interleaved_timing_alternates_the_runners_in_slices(build):
+    """Two real runners timed in alternating slices: each gets about its share of the time in every round, so
+    their calls interleave (neither runs all its calls first), and each result is a full latency figure."""
+    from targets.timing import measure_interleaved
+
+    calls: list[str] = []
+
+    def counted(name: str):
+        runner = OnnxRuntimeRunner(build / BUILD_LAYOUT["onnx_fp32"], threads=1)
+        run = runner.run
+
+        def run_and_count(feed):
+            calls.append(name)
+            return run(feed)
+
+        runner.run = run_and_count
+        return runner
+
+    results = measure_interleaved({"a": lambda: counted("a"), "b": lambda: counted("b")}, (1, 3, SIZE, SIZE),
+                                  seconds=0.4, rounds=4, warmup=1)
+    assert list(results) == ["a", "b"]
+    for name, result in results.items():
+        check_sane(result)
+        assert result.name == name and result.iterations == calls.count(name) - 1  # the warm-up call is not timed
+    runs = [name for index, name in enumerate(calls) if index == 0 or calls[index - 1] != name]
+    assert len(runs) >= 4, "the two runners did not alternate"  # a, b, b, a, ... in slices: 4 rounds, >= 4 runs
+    with pytest.raises(ValueError, match="rounds"):
+        measure_interleaved({"a": lambda: counted("a")}, (1, 3, SIZE, SIZE), rounds=0)
