@@ -30,7 +30,7 @@ def connect(address: str) -> None:
     """Join the cluster at `address` ("" = start or reuse one on this machine) unless this process has."""
     if ray.is_initialized():
         return
-    # ray.init replaces the SIGTERM handler with one that exits 15 at once; the command's own
+    # ray.init replaces the SIGTERM handler with one that exits at once (status 1); the command's own
     # (pipeline.interrupts) unwinds the build first: temporary folders removed, lock released, exit 143.
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
