@@ -78,12 +78,14 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path, residual_ad
     from calibration.statistics import CalibrationTable
     from pipeline.stages.quantize.qdq import write_qdq_model
 
+    from pipeline.stages.quantize.adaround import saved_rounding
     from pipeline.stages.quantize.bias import saved_shifts
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
     source = "equalize" if "equalize" in inputs else "simplify"  # the FP32 ONNX the quantize stage quantized
     write_qdq_model(inputs[source].path(ONNX_FILE), table.amax, output, excluded,
-                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=residual_adds)
+                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=residual_adds,
+                    weight_rounding=saved_rounding(inputs["quantize"].folder))
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

@@ -73,16 +73,21 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     try:
         residual = q.residual_adds
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", residual_adds=residual)
+        rounding, adaround = _adaround(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.adaround else (None, None)
+        if rounding:  # bias correction then measures the shifts of the weights that will run
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", residual_adds=residual, weight_rounding=rounding)
         shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
         if shifts:  # rank the layers as they will run: with their corrected biases
-            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, residual_adds=residual)
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, residual_adds=residual,
+                            weight_rounding=rounding)
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
             ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"
-            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, residual_adds=residual)
+            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, residual_adds=residual,
+                            weight_rounding=rounding)
             on_ort = judge("quantize", on_decision_images(onnxruntime_spec(path, ctx.threads),
                                                           f"INT8 ONNX Runtime, {len(excluded)} layers in float").logits)
             xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
@@ -110,6 +115,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
                                        for stage in ("quantize", "openvino_int8")}},
             "excluded_layers": list(result.excluded),
             "bias_correction": shifts is not None,
+            "adaround": adaround,
             "before": result.attempts[0].as_dict(),
             "after": result.best.as_dict(),
             "attempts": [a.as_dict() for a in result.attempts],
@@ -122,7 +128,8 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
                 f"on {len(expected)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
                 f"more fallback: quantization.max_fallback_layers)")
-        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, residual_adds=residual)
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, residual_adds=residual,
+                                  weight_rounding=rounding)
         # The stage's drift check: the chosen model, once, on the evaluation images.
         np.save(output.parent / LOGITS_FILE, ctx.evaluate(onnxruntime_spec(output, ctx.threads), q.evaluation_images,
                                                           "INT8 ONNX Runtime, the chosen model").logits)
@@ -145,3 +152,20 @@ def _bias_shifts(ctx: "BuildContext", fp32_onnx: Path, qdq_onnx: Path, folder: P
         shifts = weight_rounding_shifts(fp32_onnx, qdq_onnx, batches, ctx.threads)
     save_shifts(shifts, folder / SHIFTS_FILE)
     return shifts
+
+
+def _adaround(ctx: "BuildContext", fp32_onnx: Path, qdq_onnx: Path, folder: Path) -> tuple[dict, dict]:
+    """AdaRound's int8 weights, learnt on calibration images and kept beside the model (the bundle's fallback
+    variant and the report's calibration comparison reuse them), and the facts of the run for gate.json."""
+    from pipeline.stages.quantize.adaround import ADAROUND_IMAGES, ROUNDING_FILE, adaround_weights, save_rounding
+
+    crops = ctx.calibration.crops[:ADAROUND_IMAGES]
+    size = ctx.config.data.batch_size
+    batches = [ctx.preprocessing.normalize(crops[i:i + size]) for i in range(0, len(crops), size)]
+    with ctx.reporter.status(f"AdaRound: weight rounding learnt per Conv on {len(crops)} calibration images"):
+        rounding, facts = adaround_weights(fp32_onnx, qdq_onnx, batches, ctx.threads, seed=ctx.config.data.seed)
+    ctx.reporter.say(f"  AdaRound: {facts['layers']} Convs, {facts.get('iterations', 0)} steps each, "
+                     f"{facts.get('seconds', 0.0):.0f} s; {100 * facts.get('weights_changed', 0.0):.1f}% of weights "
+                     f"rounded the other way; {len(facts.get('kept_nearest', []))} Convs kept nearest rounding")
+    save_rounding(rounding, folder / ROUNDING_FILE)
+    return rounding, facts

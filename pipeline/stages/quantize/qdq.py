@@ -110,6 +110,7 @@ def write_qdq_model(
     exclude_nodes: Sequence[str] = (),
     bias_shifts: Mapping[str, np.ndarray] | None = None,
     residual_adds: bool = False,
+    weight_rounding: Mapping[str, np.ndarray] | None = None,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
@@ -117,6 +118,8 @@ def write_qdq_model(
     (extra entries are ignored). `exclude_nodes` names Convs to keep in float (fallback).
     `bias_shifts` (from `pipeline.stages.quantize.bias`): the bias correction of each INT8 Conv.
     `residual_adds`: residual Adds read both inputs through Q/DQ (`pipeline.stages.quantize.residual`).
+    `weight_rounding` (from `pipeline.stages.quantize.adaround`): AdaRound's int8 weights of each INT8 Conv,
+    in place of nearest rounding (the shifts of `bias_shifts` must have been measured with them).
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -175,6 +178,10 @@ def write_qdq_model(
     _restore_float_consumers(qdq.graph, set(quantized))
     if pairs:
         place_residual_pairs(qdq, pairs, amax)
+    if weight_rounding:
+        from pipeline.stages.quantize.adaround import apply_rounding
+
+        apply_rounding(qdq, weight_rounding, quantized)
     if bias_shifts:
         from pipeline.stages.quantize.bias import apply_shifts
 
