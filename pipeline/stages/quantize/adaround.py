@@ -10,7 +10,8 @@ rounded to 0 or 1: every weight moves at most one step from nearest rounding.
 
 x is each Conv's input in the FP32 model on calibration images (as bias correction reads it), so one set of
 weights, independent of the activation ranges, serves every Q/DQ model of a build; the per-channel scales s are
-the ones the Q/DQ model uses (max|w|/127), unchanged. To stay fast on a small CPU the loss is computed on
+the ones the Q/DQ model uses (max|w|/127), unchanged. (Feeding each Conv its input rounded by its own activation
+Q/DQ instead, so that the weights make up for it, measured 0.5 dB worse on Lite0: docs/results.md.) To stay fast on a small CPU the loss is computed on
 sampled output positions (im2col patches: every Conv becomes one batched matmul), not on whole images. A layer
 whose learnt rounding reconstructs its sampled outputs worse than nearest rounding keeps nearest rounding.
 The weights are kept as `quantize/adaround.npz` (int8 per Conv node): the gate's attempts, the bundle's
