@@ -92,6 +92,7 @@ class QuantizationOptions:
     evaluation_images: int = 650
     residual_adds: bool = False  # residual Adds read both inputs through Q/DQ (TensorRT's fusable placement)
     bias_correction: bool = True  # each INT8 Conv's bias corrected by its weight rounding's mean output shift
+    adaround: bool = False  # INT8 weights rounded up or down by per-layer output reconstruction (AdaRound)
     equalization: bool = False  # cross-layer equalization of the FP32 graph before calibration (exact pairs only)
     unsigned_activations: bool = True  # CPU target: never-negative activations in UINT8 (TensorRT: INT8 only)
     decision_images: int = 480  # labelled train-sample/ images the gate decides on (never calibration images)

@@ -97,6 +97,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
     from pipeline.stages.equalize import quantized_source
+    from pipeline.stages.quantize.adaround import saved_rounding
     from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import quantized_activations, write_qdq_model
     from pipeline.stages.quantize.unsigned import unsigned_activations
@@ -122,6 +123,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     budget = config.budget("quantize", ctx.random_weights, labelled=bool((labels >= 0).any()))
     tensors = quantized_activations(fp32_onnx, residual_adds=config.quantization.residual_adds)
     shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
+    rounding = saved_rounding(build.root / "quantize")  # and its AdaRound weights (range-independent)
     q = config.quantization
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="calibration-compare-"))
@@ -137,7 +139,8 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
                                        progress=ctx.progress(f"calibrating ({method})"))
             path = scratch / f"{method}.onnx"
             write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts,
-                            residual_adds=config.quantization.residual_adds, unsigned=unsigned_activations(config))
+                            residual_adds=config.quantization.residual_adds, weight_rounding=rounding,
+                            unsigned=unsigned_activations(config))
             logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count, f"INT8 ONNX Runtime ({method})")
             result = compare(f"quantize ({method})", reference, logits, labels, budget)
             reporter.say(f"  calibration {method}: {result.summary()}")

@@ -75,6 +75,7 @@ def fallback_layers(gate: dict, group: int) -> list[str]:
 
 def _write_fallback(inputs: dict, excluded: list[str], output: Path, config) -> None:
     from calibration.statistics import CalibrationTable
+    from pipeline.stages.quantize.adaround import saved_rounding
     from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import write_qdq_model
     from pipeline.stages.quantize.unsigned import unsigned_activations
@@ -83,7 +84,7 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path, config) -> 
     source = "equalize" if "equalize" in inputs else "simplify"  # the FP32 ONNX the quantize stage quantized
     write_qdq_model(inputs[source].path(ONNX_FILE), table.amax, output, excluded,
                     bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=config.quantization.residual_adds,
-                    unsigned=unsigned_activations(config))
+                    weight_rounding=saved_rounding(inputs["quantize"].folder), unsigned=unsigned_activations(config))
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

@@ -22,8 +22,8 @@ def stage(config) -> Stage:
     return Stage("quantize", "INT8 Q/DQ ONNX from the calibration table, accuracy gate with fallback",
                  (quantized_source(config), "calibrate", "reference"),
                  {"evaluation_images": q.evaluation_images, "decision_images": q.decision_images,
-                  "bias_correction": q.bias_correction, "residual_adds": q.residual_adds,
-                  "unsigned_activations": unsigned_activations(config),
+                  "bias_correction": q.bias_correction, "adaround": q.adaround,
+                  "residual_adds": q.residual_adds, "unsigned_activations": unsigned_activations(config),
                   "sensitivity_images": q.sensitivity_images,
                   "max_fallback_layers": q.max_fallback_layers, "fallback_group": q.fallback_group,
                   "budgets": budget_variants(config, ("quantize", "openvino_int8", "gate")),
@@ -31,7 +31,8 @@ def stage(config) -> Stage:
                  ("onnxruntime", "onnx", "openvino"), produce_quantize, ONNX_FILE, runner=onnx_runner,
                  uses_calibration_images=True, uses_decision_images=True, int8=True, self_checked=True,
                  modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
-                          "pipeline.stages.quantize.residual", "pipeline.stages.quantize.unsigned",
+                          "pipeline.stages.quantize.adaround", "pipeline.stages.quantize.residual",
+                          "pipeline.stages.quantize.unsigned",
                           "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime",
                           "pipeline.executor.work"))
 

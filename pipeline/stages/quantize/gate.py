@@ -74,6 +74,10 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     try:
         qdq_options = {"residual_adds": q.residual_adds, "unsigned": unsigned_activations(ctx.config)}
         write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **qdq_options)
+        rounding, adaround = _adaround(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.adaround else (None, None)
+        if rounding:  # bias correction then measures the shifts of the weights that will run
+            qdq_options["weight_rounding"] = rounding
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **qdq_options)
         shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
         if shifts:  # rank the layers as they will run: with their corrected biases
             write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, **qdq_options)
@@ -111,6 +115,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
                                        for stage in ("quantize", "openvino_int8")}},
             "excluded_layers": list(result.excluded),
             "bias_correction": shifts is not None,
+            "adaround": adaround,
             "before": result.attempts[0].as_dict(),
             "after": result.best.as_dict(),
             "attempts": [a.as_dict() for a in result.attempts],
@@ -146,3 +151,20 @@ def _bias_shifts(ctx: "BuildContext", fp32_onnx: Path, qdq_onnx: Path, folder: P
         shifts = weight_rounding_shifts(fp32_onnx, qdq_onnx, batches, ctx.threads)
     save_shifts(shifts, folder / SHIFTS_FILE)
     return shifts
+
+
+def _adaround(ctx: "BuildContext", fp32_onnx: Path, qdq_onnx: Path, folder: Path) -> tuple[dict, dict]:
+    """AdaRound's int8 weights, learnt on calibration images and kept beside the model (the bundle's fallback
+    variant and the report's calibration comparison reuse them), and the facts of the run for gate.json."""
+    from pipeline.stages.quantize.adaround import ADAROUND_IMAGES, ROUNDING_FILE, adaround_weights, save_rounding
+
+    crops = ctx.calibration.crops[:ADAROUND_IMAGES]
+    size = ctx.config.data.batch_size
+    batches = [ctx.preprocessing.normalize(crops[i:i + size]) for i in range(0, len(crops), size)]
+    with ctx.reporter.status(f"AdaRound: weight rounding learnt per Conv on {len(crops)} calibration images"):
+        rounding, facts = adaround_weights(fp32_onnx, qdq_onnx, batches, ctx.threads, seed=ctx.config.data.seed)
+    ctx.reporter.say(f"  AdaRound: {facts['layers']} Convs, {facts.get('iterations', 0)} steps each, "
+                     f"{facts.get('seconds', 0.0):.0f} s; {100 * facts.get('weights_changed', 0.0):.1f}% of weights "
+                     f"rounded the other way; {len(facts.get('kept_nearest', []))} Convs kept nearest rounding")
+    save_rounding(rounding, folder / ROUNDING_FILE)
+    return rounding, facts

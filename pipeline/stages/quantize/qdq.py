@@ -114,6 +114,7 @@ def write_qdq_model(
     bias_shifts: Mapping[str, np.ndarray] | None = None,
     residual_adds: bool = False,
     unsigned: bool = False,
+    weight_rounding: Mapping[str, np.ndarray] | None = None,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
@@ -122,6 +123,8 @@ def write_qdq_model(
     `bias_shifts` (from `pipeline.stages.quantize.bias`): the bias correction of each INT8 Conv.
     `residual_adds`: residual Adds read both inputs through Q/DQ (`pipeline.stages.quantize.residual`).
     `unsigned`: never-negative activations as UINT8 (`pipeline.stages.quantize.unsigned`; not for TensorRT).
+    `weight_rounding` (from `pipeline.stages.quantize.adaround`): AdaRound's int8 weights of each INT8 Conv,
+    in place of nearest rounding (the shifts of `bias_shifts` must have been measured with them).
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -180,6 +183,10 @@ def write_qdq_model(
     _restore_float_consumers(qdq.graph, set(quantized))
     if pairs:
         place_residual_pairs(qdq, pairs, amax)
+    if weight_rounding:
+        from pipeline.stages.quantize.adaround import apply_rounding
+
+        apply_rounding(qdq, weight_rounding, quantized)
     unsigned_pairs = 0
     if unsigned:
         from pipeline.stages.quantize.unsigned import make_unsigned
