@@ -148,10 +148,19 @@ def test_stale_weights_are_refused(lite0):
 
 
 @pytest.mark.slow
-def test_int8_build_with_adaround_ships_the_learnt_weights_and_corrects_biases_with_them(tmp_path, imagenet):
+def test_int8_build_with_adaround_ships_the_learnt_weights_and_corrects_biases_with_them(tmp_path, imagenet,
+                                                                                      monkeypatch):
     """A small Lite0 INT8 build with quantization.adaround: the shipped Q/DQ model carries quantize/adaround.npz's
-    weights, and bias correction's saved shifts are those of these weights, not of nearest rounding."""
+    weights, and bias correction's saved shifts are those of these weights, not of nearest rounding. (Fewer steps
+    and samples than a real build: this checks where the weights go, not how good they are; 800 steps of the
+    shipped setting take minutes on 2 cores.)"""
+    import functools
+
     from calibration.statistics import CalibrationTable
+    from pipeline.stages.quantize import adaround
+
+    monkeypatch.setattr(adaround, "adaround_weights",
+                        functools.partial(adaround.adaround_weights, iterations=200, positions=16))
     from pipeline.config import load_config
     from pipeline.context import BuildContext
     from pipeline.plan import BuildPlan
