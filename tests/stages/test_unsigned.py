@@ -37,10 +37,13 @@ def test_never_negative_tensors_follow_relu_relu6_and_the_ops_that_keep_the_sign
         helper.make_node("Pad", ["pool", "pads"], ["reflected"], mode="reflect"),
         helper.make_node("Pad", ["pool", "pads", "one"], ["padded_one"], mode="constant"),
         helper.make_node("Add", ["relu", "relu6"], ["sum"]),  # two non-negative inputs, but not an op we trust
+        helper.make_node("Reshape", ["pool", "shape"], ["flat"]),  # its shape input is no value of the tensor
+        helper.make_node("Reshape", ["clip_negative", "shape"], ["flat_negative"]),
         helper.make_node("Conv", ["padded", "w"], ["conv"]),
     ], [constant("zero", 0.0), constant("six", 6.0), constant("minus_one", -1.0), constant("one", 1.0), pads,
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
         numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w")])
-    assert nonnegative_tensors(graph) == {"relu", "relu6", "cat", "pool", "padded"}
+    assert nonnegative_tensors(graph) == {"relu", "relu6", "cat", "pool", "padded", "flat"}
 
 
 def test_block_pairs_on_relu_outputs_become_uint8_with_the_same_range(tmp_path):

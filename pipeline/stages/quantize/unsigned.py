@@ -37,7 +37,8 @@ def nonnegative_tensors(graph) -> set[str]:
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     nonnegative: set[str] = set()
     for node in graph.node:
-        data = [name for name in node.input[:1 if node.op_type == "Pad" else None] if name]
+        # The tensors that carry values: every input of a Concat, else the first (not a shape, axes or pads).
+        data = [name for name in (node.input if node.op_type == "Concat" else node.input[:1]) if name]
         if node.op_type == "Relu":
             nonnegative.add(node.output[0])
         elif node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in constants \
