@@ -30,6 +30,30 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def write_arrays_atomic(path: Path, arrays: dict) -> None:
+    """Named numpy arrays as one .npz next to its destination, then renamed: readers never see half a file."""
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            np.savez(stream, **dict(arrays))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_arrays(path: Path) -> dict | None:
+    """The arrays `write_arrays_atomic` wrote, by name; None where there is no such file."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        return None
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON next to its destination, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

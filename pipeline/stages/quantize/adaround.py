@@ -105,20 +105,16 @@ def adaround_weights(fp32_onnx: str | os.PathLike, qdq_onnx: str | os.PathLike, 
 
 
 def save_rounding(rounding: Mapping[str, np.ndarray], path: Path) -> None:
-    """Write atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **dict(rounding))
-    os.replace(tmp, path)
+    from pipeline.cache import write_arrays_atomic
+
+    write_arrays_atomic(path, dict(rounding))
 
 
 def saved_rounding(quantize_folder: Path) -> dict[str, np.ndarray] | None:
     """The AdaRound weights the quantize stage saved in its folder; None when the build made none."""
-    path = Path(quantize_folder) / ROUNDING_FILE
-    if not path.is_file():
-        return None
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
+    from pipeline.cache import read_arrays
+
+    return read_arrays(Path(quantize_folder) / ROUNDING_FILE)
 
 
 def apply_rounding(model, rounding: Mapping[str, np.ndarray], quantized: Sequence[str]) -> int:

@@ -60,20 +60,16 @@ def weight_rounding_shifts(fp32_onnx: str | os.PathLike, qdq_onnx: str | os.Path
 
 
 def save_shifts(shifts: Mapping[str, np.ndarray], path: Path) -> None:
-    """Write atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **dict(shifts))
-    os.replace(tmp, path)
+    from pipeline.cache import write_arrays_atomic
+
+    write_arrays_atomic(path, dict(shifts))
 
 
 def saved_shifts(quantize_folder: Path) -> dict[str, np.ndarray] | None:
     """The shifts the quantize stage saved in its folder; None when the build made no bias correction."""
-    path = Path(quantize_folder) / SHIFTS_FILE
-    if not path.is_file():
-        return None
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
+    from pipeline.cache import read_arrays
+
+    return read_arrays(Path(quantize_folder) / SHIFTS_FILE)
 
 
 def _int8_weights(qdq, fp32_weights: dict, convs: dict) -> dict[str, np.ndarray]:
