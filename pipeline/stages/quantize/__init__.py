@@ -32,7 +32,7 @@ def stage(config) -> Stage:
                  uses_calibration_images=True, uses_decision_images=True, int8=True, self_checked=True,
                  modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
                           "pipeline.stages.quantize.adaround", "pipeline.stages.quantize.residual",
-                          "pipeline.stages.quantize.unsigned",
+                          "pipeline.stages.quantize.unsigned", "pipeline.stages.quantize.int8_weights",
                           "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime",
                           "pipeline.executor.work"))
 

@@ -153,6 +153,8 @@ def _int8_layers(qdq, fp32) -> dict[str, dict]:
     the nearest int8 weights, the Conv node, its activation (Relu/Clip when it is the output's only reader)."""
     from onnx import numpy_helper
 
+    from pipeline.stages.quantize.int8_weights import int8_conv_weights
+
     fp32_init = {init.name: numpy_helper.to_array(init) for init in fp32.graph.initializer}
     for node in fp32.graph.node:  # Clip bounds come as Constant nodes in the exported graph
         if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
@@ -163,21 +165,13 @@ def _int8_layers(qdq, fp32) -> dict[str, dict]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in fp32.graph.output}
-    initializers = {init.name: init for init in qdq.graph.initializer}
-    dequantize = {node.output[0]: node for node in qdq.graph.node if node.op_type == "DequantizeLinear"}
     layers = {}
-    for node in qdq.graph.node:
-        if node.op_type != "Conv" or node.name not in convs or node.input[1] not in dequantize:
-            continue
-        dq = dequantize[node.input[1]]
-        if dq.input[0] not in initializers:
-            continue  # an activation pair, not weights
-        q = numpy_helper.to_array(initializers[dq.input[0]])
+    for name, (q, scale) in int8_conv_weights(qdq, convs).items():
         if q.dtype != np.int8 or q.ndim != 4:
             continue
-        fp = convs[node.name]
+        fp = convs[name]
         weight = fp32_init[fp.input[1]].astype(np.float32)
-        scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32).reshape(-1)
+        scale = scale.reshape(-1)
         if scale.size == 1:
             scale = np.full(weight.shape[0], scale[0], np.float32)
         bias = fp32_init[fp.input[2]].astype(np.float32) if len(fp.input) > 2 and fp.input[2] else \
@@ -188,7 +182,7 @@ def _int8_layers(qdq, fp32) -> dict[str, dict]:
             activation = _clip_bounds(consumers[0], fp32_init)
             if all(math.isinf(bound) for bound in activation):
                 activation = None
-        layers[node.name] = {"node": fp, "weight": weight, "scale": scale, "bias": bias, "nearest": q,
+        layers[name] = {"node": fp, "weight": weight, "scale": scale, "bias": bias, "nearest": q,
                              "activation": activation, **_geometry(fp)}
     return layers
 

@@ -74,22 +74,13 @@ def saved_shifts(quantize_folder: Path) -> dict[str, np.ndarray] | None:
 
 def _int8_weights(qdq, fp32_weights: dict, convs: dict) -> dict[str, np.ndarray]:
     """Wq - W of every Conv of the Q/DQ model whose weights come through an int8 DequantizeLinear."""
-    from onnx import numpy_helper
+    from pipeline.stages.quantize.int8_weights import int8_conv_weights
 
-    initializers = {init.name: init for init in qdq.graph.initializer}
-    dequantize = {node.output[0]: node for node in qdq.graph.node if node.op_type == "DequantizeLinear"}
     deltas = {}
-    for node in qdq.graph.node:
-        if node.op_type != "Conv" or node.name not in convs or node.input[1] not in dequantize:
-            continue
-        dq = dequantize[node.input[1]]
-        if dq.input[0] not in initializers:
-            continue  # an activation pair, not weights
-        q = numpy_helper.to_array(initializers[dq.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32)
-        weight = fp32_weights[convs[node.name].input[1]]
+    for name, (q, scale) in int8_conv_weights(qdq, convs).items():
+        q = q.astype(np.float32)
         dequantized = q * scale.reshape((-1,) + (1,) * (q.ndim - 1)) if scale.ndim else q * scale
-        deltas[node.name] = (dequantized - weight).astype(np.float32)
+        deltas[name] = (dequantized - fp32_weights[convs[name].input[1]]).astype(np.float32)
     return deltas
 
 
