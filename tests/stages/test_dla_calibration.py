@@ -149,12 +149,15 @@ def test_the_calibrate_stage_of_a_jetson_build_records_the_dla_section(tmp_path,
         (stage,) = [s for s in stages_for(config) if s.name == "calibrate"]
         assert stage.params["dla"] is with_dla  # part of the stage's cache key
         loaded = types.SimpleNamespace(crops=crops)
+        recorded: list = []
         ctx = types.SimpleNamespace(config=config, preprocessing=pre, threads=1,
                                     executor=LocalExecutor(8, types.SimpleNamespace(progress=lambda what: None)),
-                                    images=lambda kind: Images(kind, (), lambda: loaded))
+                                    images=lambda kind: Images(kind, (), lambda: loaded),
+                                    record_skipped=lambda kind, skipped: recorded.append((kind, skipped)))
         folder = tmp_path / target
         folder.mkdir()
         record = calibrate.produce_calibrate(ctx, {"simplify": simplify}, folder)
+        assert recorded == [("calibration", ())]  # decoded here: nothing a worker skipped
         table = CalibrationTable.load(folder / TABLE_FILE)
         if with_dla:
             assert record["dla_tensors"] == len(table.dla["tensors"]) == 11 and table.dla["share"]["pool"] == "mixed"
