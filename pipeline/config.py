@@ -200,6 +200,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
     mapping.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if key in mapping:  # PyYAML keeps the last silently: one of the two values would be ignored
+            raise yaml.constructor.ConstructorError(
+                problem=f"{key!r} is given twice (also on line {mapping.lines[key]}); keep one",
+                problem_mark=key_node.start_mark)
         mapping[key] = loader.construct_object(value_node, deep=True)
         mapping.lines[key] = key_node.start_mark.line + 1
     return mapping

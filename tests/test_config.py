@@ -70,6 +70,7 @@ def test_gate_budget_tightens_the_stage_budgets_where_it_sets_a_figure():
         ("drift:\n  export: {min_agremeent: 0.9}\n", "unknown key 'drift.export.min_agremeent'"),
         ("- a\n- b\n", "must be a mapping"),
         ("network:\n  residual_scales: [0.1]\n", "three scales"),
+        ("data:\n  seed: 1\n  seed: 2\n", ":3: invalid YAML: 'seed' is given twice (also on line 2)"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(tmp_path, text, expected):
