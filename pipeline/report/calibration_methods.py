@@ -1,9 +1,13 @@
-"""The calibration methods compared: an explicit, opt-in measurement (`report --compare-calibration`).
+"""The calibration methods and INT8 options compared: an explicit, opt-in measurement
+(`report --compare-calibration`).
 
-Unlike the rest of the report, which reads what the build wrote, this re-runs calibration
-(minmax / percentile / entropy on the build's calibration images) and quantization with the
-build's configuration, and judges each Q/DQ model on the build's INT8 evaluation images. The result
-is cached in report/cache.json under the keys of the stages it depends on.
+Unlike the rest of the report, which reads what the build wrote, this re-quantizes the build's FP32 graph:
+once per calibration method (minmax / percentile / entropy / mse on the build's calibration images) with
+the build's options, and once per INT8 option of `pipeline.yaml` turned the other way (bias correction,
+UINT8 activations, residual Adds, equalization; AdaRound only off, since learning it takes minutes), each
+with the same layers in float as the gate chose. Each Q/DQ model is judged on the build's INT8 evaluation
+images in ONNX Runtime and, converted to an IR, in OpenVINO. The result is cached in report/cache.json under
+the keys of the stages it depends on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,72 +92,206 @@ def _config_of(build: Build):
     return load_config(None, overrides)
 
 
+# The INT8 options a row turns the other way, as `pipeline.yaml` names them (`quantization.<option>`).
+OPTIONS = ("bias_correction", "unsigned_activations", "residual_adds", "equalization", "adaround")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one row's Q/DQ model is made: a calibration method and the INT8 options."""
+
+    method: str
+    bias_correction: bool
+    unsigned_activations: bool
+    residual_adds: bool
+    equalization: bool
+    adaround: bool  # the build's learnt AdaRound weights, or nearest rounding
+
+
 def compare_calibration_methods(build: Build, reporter=None) -> dict:
-    """Quantize with each calibration method (the same layers in float as the gate chose) and judge it."""
-    from calibration.statistics import CalibrationTable, ImageBatches, collect_ranges
-    from pipeline.build import stage_key
-    from pipeline.cache import StageRecord
-    from pipeline.context import BuildContext
-    from pipeline.drift import compare
+    """Quantize with each calibration method, then with each INT8 option turned the other way (the same layers
+    in float as the gate chose), and judge each on both back ends."""
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
-    from pipeline.stages.equalize import quantized_source
-    from pipeline.stages.quantize.adaround import saved_rounding
-    from pipeline.stages.quantize.bias import saved_shifts
-    from pipeline.stages.quantize.qdq import quantized_activations, write_qdq_model
-    from pipeline.stages.quantize.unsigned import unsigned_activations
-    from targets.onnxruntime import OnnxRuntimeRunner
 
     reporter = reporter or Reporter(quiet=True)
     config = _config_of(build)
     # The stage graph the build was made with, of the network it was made from (your file or module too).
     source = build.manifest.get("model_source") or {}
     plan = BuildPlan(config, source.get("path") or source.get("argument") or build.manifest["model"])
-    stages = plan.stages
-    ctx = BuildContext(plan, reporter)
-    source = quantized_source(config)  # the FP32 ONNX the build quantized (equalized or simplified)
-    records = {name: StageRecord.read(build.root / name)
-               for name in ("reference", source, "calibrate")}
-    calibrate = next(stage for stage in stages if stage.name == "calibrate")
-    same_images = stage_key(calibrate, ctx, records) == records["calibrate"].key
-    fp32_onnx = records[source].path(ONNX_FILE)
-    excluded = build.stages["quantize"]["facts"].get("excluded_layers") or []
-    count = build.stages["quantize"]["drift"]["images"]
-    reference = np.load(records["reference"].path(LOGITS_FILE))[:count]
-    labels = ctx.labels(records["reference"])[:count]
-    budget = config.budget("quantize", ctx.random_weights, labelled=bool((labels >= 0).any()))
-    tensors = quantized_activations(fp32_onnx, residual_adds=config.quantization.residual_adds)
-    shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
-    rounding = saved_rounding(build.root / "quantize")  # and its AdaRound weights (range-independent)
-    q = config.quantization
-    rows = []
     scratch = Path(tempfile.mkdtemp(prefix="calibration-compare-"))
     try:
-        for method in CALIBRATION_METHODS:
-            started = time.perf_counter()
-            if method == q.method and same_images:  # the build's own table: the same ranges
-                table = CalibrationTable.load(records["calibrate"].path(TABLE_FILE))
-            else:
-                batches = ImageBatches(ctx.calibration.crops, ctx.preprocessing, config.data.batch_size)
-                table = collect_ranges(fp32_onnx, tensors, batches, method=method, percentile=q.percentile,
-                                       bins=q.histogram_bins, threads=ctx.threads,
-                                       progress=ctx.progress(f"calibrating ({method})"))
-            path = scratch / f"{method}.onnx"
-            write_qdq_model(fp32_onnx, table.amax, path, excluded, bias_shifts=shifts,
-                            residual_adds=config.quantization.residual_adds, weight_rounding=rounding,
-                            unsigned=unsigned_activations(config))
-            logits = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), count, f"INT8 ONNX Runtime ({method})")
-            result = compare(f"quantize ({method})", reference, logits, labels, budget)
-            reporter.say(f"  calibration {method}: {result.summary()}")
-            if method == q.method and not same_images:  # the key changed with the code: do the ranges?
-                built = CalibrationTable.load(records["calibrate"].path(TABLE_FILE)).amax
-                same_images = built.keys() == table.amax.keys() and all(
-                    math.isclose(built[name], table.amax[name], rel_tol=1e-5) for name in built)
-            rows.append({"method": method, "build_method": method == q.method, "calibration_images": table.images,
-                         "seconds": round(time.perf_counter() - started, 2), "drift": result.as_dict()})
+        quantizer = _Requantizer(build, plan, reporter, scratch)
+        built = quantizer.built
+        rows = [quantizer.row(replace(built, method=method)) for method in CALIBRATION_METHODS]
+        options, not_compared = [], {}
+        for option in OPTIONS:
+            why_not = quantizer.why_not(option)
+            if why_not:
+                not_compared[option] = why_not
+                continue
+            value = not getattr(built, option)
+            options.append({"option": option, "value": value, **quantizer.row(replace(built, **{option: value}))})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    note = "" if same_images else (f"the {q.method} ranges computed now differ from the build's calibrate stage (its "
-                                   "images, settings or code changed since): rebuild for an exact comparison")
-    return {"methods": rows, "images": count, "kept_in_float": excluded, "same_images_as_build": same_images,
+    same = quantizer.same_images
+    q = config.quantization
+    note = "" if same else (f"the {q.method} ranges computed now differ from the build's calibrate stage (its "
+                            "images, settings or code changed since): rebuild for an exact comparison")
+    return {"methods": rows, "options": options, "options_not_compared": not_compared,
+            "build_options": {option: getattr(built, option) for option in OPTIONS},
+            "images": quantizer.count, "kept_in_float": quantizer.excluded, "same_images_as_build": same,
             "percentile": q.percentile, "bins": q.histogram_bins, "note": note}
+
+
+class _Requantizer:
+    """The build's FP32 graph, calibration table, bias shifts and AdaRound weights, re-used where a variant
+    keeps what they depend on and recomputed where it changes it."""
+
+    def __init__(self, build: Build, plan, reporter, scratch: Path):
+        from pipeline.build import stage_key
+        from pipeline.cache import StageRecord
+        from pipeline.context import BuildContext
+        from pipeline.stages.equalize import quantized_source
+        from pipeline.stages.quantize.adaround import saved_rounding
+        from pipeline.stages.quantize.bias import saved_shifts
+        from pipeline.stages.quantize.unsigned import unsigned_activations
+
+        self.config, self.reporter, self.scratch = plan.config, reporter, scratch
+        self.ctx = BuildContext(plan, reporter)
+        q = self.config.quantization
+        source = quantized_source(self.config)  # the FP32 ONNX the build quantized (equalized or simplified)
+        self.records = {name: StageRecord.read(build.root / name)
+                        for name in dict.fromkeys(("reference", "simplify", source, "calibrate"))}
+        calibrate = next(stage for stage in plan.stages if stage.name == "calibrate")
+        self.same_images = stage_key(calibrate, self.ctx, self.records) == self.records["calibrate"].key
+        self.fp32 = {q.equalization: self.records[source].path(ONNX_FILE)}
+        self.build_stages = build.stages
+        self.excluded = build.stages["quantize"]["facts"].get("excluded_layers") or []
+        self.count = build.stages["quantize"]["drift"]["images"]
+        self.reference = np.load(self.records["reference"].path(LOGITS_FILE))[:self.count]
+        self.labels = self.ctx.labels(self.records["reference"])[:self.count]
+        self.shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
+        self.rounding = saved_rounding(build.root / "quantize")  # and its AdaRound weights (range-independent)
+        self.target = self.config.target
+        self.built = Variant(q.method, self.shifts is not None, unsigned_activations(self.config), q.residual_adds,
+                             q.equalization, self.rounding is not None)
+        self.tables: dict = {}
+        self.computed_shifts: dict = {}
+
+    def why_not(self, option: str) -> str:
+        """Why an option's other value cannot be measured on this build ("" when it can)."""
+        if option == "unsigned_activations" and self.target != "cpu":
+            return "GPU targets keep signed INT8 (TensorRT's Q/DQ takes no UINT8)"
+        if option == "adaround" and not self.built.adaround:
+            return "learning AdaRound takes minutes per Conv: build with quantization.adaround: true to measure it"
+        if option == "equalization" and self.built.adaround:
+            return "the build's AdaRound weights were learnt for its own graph"
+        return ""
+
+    def row(self, variant: Variant) -> dict:
+        """The variant quantized, judged on both back ends."""
+        from pipeline.drift import compare
+        from pipeline.stages.quantize.qdq import write_qdq_model
+        from targets.onnxruntime import OnnxRuntimeRunner
+        from targets.openvino import OpenVinoRunner, convert_to_ir
+
+        started = time.perf_counter()
+        name = _describe(variant, self.built)
+        fp32 = self._fp32(variant.equalization)
+        table = self._table(variant)
+        rounding = self.rounding if variant.adaround else None
+        path = self.scratch / "variant.onnx"
+        write_qdq_model(fp32, table.amax, path, self.excluded, bias_shifts=self._shifts(variant, table.amax),
+                        residual_adds=variant.residual_adds, weight_rounding=rounding,
+                        unsigned=variant.unsigned_activations)
+        ctx, judged = self.ctx, {}
+        ort = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), self.count, f"INT8 ONNX Runtime ({name})")
+        judged["onnxruntime"] = compare(f"quantize ({name})", self.reference, ort, self.labels, self._budget("quantize"))
+        xml = convert_to_ir(path, self.scratch / "variant.xml", "fp32")
+        runner = OpenVinoRunner(xml, inference_precision=ctx.deployed_openvino_hint, threads=ctx.threads)
+        ov = ctx.predict(runner, self.count, f"INT8 OpenVINO ({name})")
+        del runner
+        judged["openvino"] = compare(f"openvino_int8 ({name})", self.reference, ov, self.labels,
+                                     self._budget("openvino_int8"))
+        for result in judged.values():
+            self.reporter.say(f"  {result.summary()}")
+        return {"method": variant.method, "build_method": variant == self.built, "calibration_images": table.images,
+                "seconds": round(time.perf_counter() - started, 2), "drift": judged["onnxruntime"].as_dict(),
+                "openvino": judged["openvino"].as_dict()}
+
+    def _budget(self, stage: str):
+        """The budget the build judged `stage` on (its manifest's), else this configuration's."""
+        from pipeline.drift import DriftBudget
+
+        recorded = ((self.build_stages.get(stage) or {}).get("drift") or {}).get("budget")
+        if recorded:
+            return DriftBudget(**recorded)
+        return self.config.budget(stage, self.ctx.random_weights, labelled=bool((self.labels >= 0).any()))
+
+    def _fp32(self, equalization: bool) -> Path:
+        """The FP32 graph a variant quantizes: the simplified one, or it equalized."""
+        if equalization not in self.fp32:
+            if equalization:
+                from pipeline.stages.quantize.equalization import write_equalized_model
+
+                write_equalized_model(self.records["simplify"].path(ONNX_FILE), self.scratch / "equalized.onnx")
+                self.fp32[True] = self.scratch / "equalized.onnx"
+            else:
+                self.fp32[False] = self.records["simplify"].path(ONNX_FILE)
+        return self.fp32[equalization]
+
+    def _table(self, variant: Variant):
+        """The ranges of the variant's tensors with its method: the build's table where it holds them."""
+        from calibration.statistics import CalibrationTable, ImageBatches, collect_ranges
+        from pipeline.stages.quantize.qdq import quantized_activations
+
+        key = (variant.method, variant.equalization, variant.residual_adds)
+        if key in self.tables:
+            return self.tables[key]
+        q = self.config.quantization
+        fp32 = self._fp32(variant.equalization)
+        tensors = quantized_activations(fp32, residual_adds=variant.residual_adds)
+        built = self.built
+        table = None
+        if self.same_images and variant.method == built.method and variant.equalization == built.equalization:
+            own = CalibrationTable.load(self.records["calibrate"].path(TABLE_FILE))
+            if set(tensors) <= set(own.amax):  # the build's own table: the same ranges
+                table = own
+        if table is None:
+            batches = ImageBatches(self.ctx.calibration.crops, self.ctx.preprocessing, self.config.data.batch_size)
+            table = collect_ranges(fp32, tensors, batches, method=variant.method, percentile=q.percentile,
+                                   bins=q.histogram_bins, threads=self.ctx.threads,
+                                   progress=self.ctx.progress(f"calibrating ({variant.method})"))
+            if variant.method == built.method and variant.equalization == built.equalization and not self.same_images:
+                # the key changed with the code: do the ranges?
+                own = CalibrationTable.load(self.records["calibrate"].path(TABLE_FILE)).amax
+                self.same_images = all(name in table.amax and math.isclose(own[name], table.amax[name], rel_tol=1e-5)
+                                       for name in own if name in tensors)
+        self.tables[key] = table
+        return table
+
+    def _shifts(self, variant: Variant, amax: dict):
+        """Bias correction's shifts of the variant's weights: the build's when its weights are the build's."""
+        if not variant.bias_correction:
+            return None
+        if (variant.equalization, variant.adaround) == (self.built.equalization, self.built.adaround) and self.shifts:
+            return self.shifts
+        key = (variant.equalization, variant.adaround)
+        if key not in self.computed_shifts:
+            from pipeline.stages.quantize.bias import BIAS_CORRECTION_IMAGES, weight_rounding_shifts
+            from pipeline.stages.quantize.qdq import write_qdq_model
+
+            fp32, plain = self._fp32(variant.equalization), self.scratch / "uncorrected.onnx"
+            write_qdq_model(fp32, amax, plain, self.excluded, weight_rounding=self.rounding if variant.adaround else None)
+            crops, size = self.ctx.calibration.crops[:BIAS_CORRECTION_IMAGES], self.config.data.batch_size
+            batches = [self.ctx.preprocessing.normalize(crops[i:i + size]) for i in range(0, len(crops), size)]
+            with self.reporter.status(f"bias correction: mean output shifts on {len(crops)} calibration images"):
+                self.computed_shifts[key] = weight_rounding_shifts(fp32, plain, batches, self.ctx.threads)
+        return self.computed_shifts[key]
+
+
+def _describe(variant: Variant, built: Variant) -> str:
+    """A row's name: the method, and the option it turns the other way."""
+    changed = [option for option in OPTIONS if getattr(variant, option) != getattr(built, option)]
+    return variant.method + "".join(f", {option} {'on' if getattr(variant, option) else 'off'}" for option in changed)

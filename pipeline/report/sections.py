@@ -186,29 +186,50 @@ def gate_figure_text(name: str | None, value) -> str:
 
 def calibration_section(comparison: dict, images: dict) -> dict:
     if "methods" not in comparison:
-        return {"title": "Calibration methods", "blocks": [("text", comparison["note"] + ".")]}
-    rows = []
-    for row in comparison["methods"]:
-        drift = row["drift"]
-        rows.append([row["method"] + (" (this build)" if row["build_method"] else ""), str(row["calibration_images"]),
-                     percent_change(drift.get("ref_top1"), drift.get("top1")), pct(drift.get("agreement")),
-                     "—" if drift.get("flips_lost") is None else f"{drift['flips_lost']} / {drift['flips_gained']}",
-                     cosine(drift.get("cosine")), sqnr(drift.get("sqnr_db")), drift_verdict(drift)])
-    methods = comparison["methods"]
-    images["calibration.png"] = calibration_plot([m["method"] for m in methods],
-                                                 [m["drift"].get("top1") for m in methods],
-                                                 [m["drift"]["agreement"] for m in methods],
-                                                 [m["drift"].get("sqnr_db") for m in methods])
-    blocks = [("text", f"The Q/DQ model quantized with each method's ranges (the build's calibration images; "
+        return {"title": "Calibration methods and INT8 options", "blocks": [("text", comparison["note"] + ".")]}
+    own = next(row for row in comparison["methods"] if row["build_method"])
+    methods = [(row["method"] + (" (this build)" if row["build_method"] else ""), row) for row in comparison["methods"]]
+    options = [(f"{row['option']}: {'on' if row['value'] else 'off'}", row) for row in comparison.get("options", [])]
+    header = ["Q/DQ model", "calibration images", "top-1 (ORT · OV)", "agreement (ORT · OV)",
+              "flips lost/gained (ORT · OV)", "SQNR (ORT · OV)", "cosine (ORT)", "verdict (ORT · OV)"]
+    built = ", ".join(f"{option} {'on' if value else 'off'}" for option, value in comparison.get("build_options", {}).items())
+    rows = [_comparison_row(name, row) for name, row in methods]
+    option_rows = [_comparison_row(f"this build ({own['method']})", own)] + [_comparison_row(n, r) for n, r in options]
+    everything = methods + options
+    images["calibration.png"] = calibration_plot([name for name, _ in everything],
+                                                 [row["drift"].get("top1") for _, row in everything],
+                                                 [row["drift"]["agreement"] for _, row in everything],
+                                                 [row["drift"].get("sqnr_db") for _, row in everything])
+    blocks = [("text", f"The Q/DQ model re-quantized from the build's FP32 graph (the build's calibration images; "
                        f"percentile {comparison['percentile']}, {comparison['bins']} histogram bins; the same "
-                       f"{len(comparison['kept_in_float'])} layers in float as the gate chose), in ONNX Runtime on "
-                       f"{comparison['images']} INT8 evaluation images, judged on the quantize budget."),
-              ("table", ["method", "calibration images", "top-1", "agreement", "flips lost/gained", "cosine",
-                         "SQNR", "verdict"], rows),
-              ("figure", "calibration.png", "Calibration methods compared")]
+                       f"{len(comparison['kept_in_float'])} layers in float as the gate chose), in ONNX Runtime (ORT) "
+                       f"and, converted to an IR, OpenVINO (OV) on {comparison['images']} INT8 evaluation images, "
+                       f"judged on the quantize and openvino_int8 budgets. First each calibration method with the "
+                       f"build's options ({built or 'as recorded'}):"),
+              ("table", header, rows)]
+    if options:
+        blocks += [("text", "Then the build's method with one INT8 option (`quantization.<option>`) turned the "
+                            "other way:"),
+                   ("table", header, option_rows)]
+    for option, why in comparison.get("options_not_compared", {}).items():
+        blocks.append(("text", f"{option}: not compared ({why})."))
+    blocks.append(("figure", "calibration.png", "Calibration methods and INT8 options compared (ONNX Runtime)"))
     if comparison.get("note"):
         blocks.insert(0, ("warning", comparison["note"]))
-    return {"title": "Calibration methods", "blocks": blocks}
+    return {"title": "Calibration methods and INT8 options", "blocks": blocks}
+
+
+def _comparison_row(name: str, row: dict) -> list[str]:
+    """One Q/DQ model's figures on ONNX Runtime / OpenVINO (a comparison cached before OpenVINO: ORT alone)."""
+    ort, ov = row["drift"], row.get("openvino") or {}
+
+    def both(format_one) -> str:
+        return format_one(ort) + (f" · {format_one(ov)}" if ov else "")
+
+    return [name, str(row["calibration_images"]), both(lambda d: percent_change(d.get("ref_top1"), d.get("top1"))),
+            both(lambda d: pct(d.get("agreement"))),
+            both(lambda d: "—" if d.get("flips_lost") is None else f"{d['flips_lost']}/{d['flips_gained']}"),
+            both(lambda d: sqnr(d.get("sqnr_db"))), cosine(ort.get("cosine")), both(drift_verdict)]
 
 
 def flips_section(flips: dict, build: Build, images: dict) -> dict:

@@ -160,6 +160,45 @@ def test_calibration_methods_compared_on_the_builds_images(built):
     assert own["drift"]["cosine"] == pytest.approx(quantize["cosine"], abs=1e-6)
     others = [row["drift"]["cosine"] for row in comparison["methods"] if not row["build_method"]]
     assert all(cosine != own["drift"]["cosine"] for cosine in others)  # really different ranges
+    # ... and on OpenVINO, the build's deployed INT8 IR's figures.
+    deployed = json.loads((built / "manifest.json").read_text())["stages"]["openvino_int8"]["drift"]
+    for key in ("top1", "agreement", "flips_lost", "flips_gained", "passed"):
+        assert own["openvino"][key] == deployed[key], key
+    assert own["openvino"]["sqnr_db"] == pytest.approx(deployed["sqnr_db"], abs=0.05)
+
+
+def test_each_int8_option_compared_turned_the_other_way(built):
+    comparison = _report(built)["calibration_comparison"]
+    assert comparison["build_options"] == {"bias_correction": True, "unsigned_activations": True, "residual_adds": False,
+                                           "equalization": False, "adaround": False}
+    options = {row["option"]: row for row in comparison["options"]}
+    assert {name: row["value"] for name, row in options.items()} == {
+        "bias_correction": False, "unsigned_activations": False, "residual_adds": True, "equalization": True}
+    assert "quantization.adaround: true" in comparison["options_not_compared"]["adaround"]  # minutes: not learnt here
+    own = next(row for row in comparison["methods"] if row["build_method"])
+    for name, row in options.items():  # each option really changed the Q/DQ model
+        assert row["method"] == "minmax" and not row["build_method"], name
+        assert row["drift"]["cosine"] != own["drift"]["cosine"] and row["openvino"]["cosine"] != own["openvino"]["cosine"], name
+    markdown = (built / "report" / "report.md").read_text()
+    assert "| unsigned_activations: off | 8 |" in markdown and "adaround: not compared" in markdown
+
+
+def test_an_option_row_is_what_a_build_with_that_option_gives(built, tmp_path, imagenet):
+    """The report's "unsigned_activations: off" row against a real build with that option (float stages cached)."""
+    row = next(r for r in _report(built)["calibration_comparison"]["options"] if r["option"] == "unsigned_activations")
+    build_dir = tmp_path / "build"
+    shutil.copytree(built.parent.parent, build_dir, ignore=shutil.ignore_patterns("report"))
+    (tmp_path / "signed.yaml").write_text(SMALL_INT8.replace("quantization:\n", "quantization:\n  unsigned_activations: false\n"))
+    assert main(["build", "--model", MODEL, "--imagenet", str(imagenet), "--build-dir", str(build_dir),
+                 "--config", str(tmp_path / "signed.yaml"), "--calibration-method", "minmax", "--calibration-images", "8",
+                 "--int8-eval-images", "256", "--eval-images", "32", "--no-report"]) == 0
+    manifest = json.loads((build_dir / MODEL / "cpu" / "manifest.json").read_text())
+    assert "simplify" not in manifest["built_this_run"] and "quantize" in manifest["built_this_run"]
+    for stage, figures in (("quantize", row["drift"]), ("openvino_int8", row["openvino"])):
+        drift = manifest["stages"][stage]["drift"]
+        for key in ("top1", "agreement", "flips_lost", "flips_gained"):
+            assert figures[key] == drift[key], (stage, key)
+        assert figures["sqnr_db"] == pytest.approx(drift["sqnr_db"], abs=0.05), stage
 
 
 def test_changed_predictions_show_both_classes_and_the_truth(built):
