@@ -21,6 +21,9 @@ from calibration import METHODS as CALIBRATION_METHODS
 from targets import GPU_TARGETS, TARGETS  # noqa: F401  (GPU_TARGETS re-exported for the host side)
 from targets.openvino import AUTO, INFERENCE_PRECISIONS
 
+# quantization.overflow_fix (pipeline/stages/quantize/overflow.py): auto decides by this machine's CPU.
+OVERFLOW_FIX_CHOICES = ("auto", "enable", "disable")
+
 PRECISIONS = ("int8", "fp32", "fp16")
 OPENVINO_PRECISIONS = (AUTO, *INFERENCE_PRECISIONS)
 # `evaluation_images: all`: every image the layout lists (ImageNet's 50,000), as a count larger than any layout.
@@ -95,6 +98,7 @@ class QuantizationOptions:
     adaround: bool = False  # INT8 weights rounded up or down by per-layer output reconstruction (AdaRound)
     equalization: bool = False  # cross-layer equalization of the FP32 graph before calibration (exact pairs only)
     unsigned_activations: bool = True  # CPU target: never-negative activations in UINT8 (TensorRT: INT8 only)
+    overflow_fix: str = "auto"  # CPU target: INT8 that cannot saturate on x86 without VNNI (auto: if this CPU would)
     decision_images: int = 480  # labelled train-sample/ images the gate decides on (never calibration images)
     sensitivity_images: int = 16
     max_fallback_layers: int = 24
@@ -344,6 +348,7 @@ def _check_choices(config: Config, source: Path, data: dict) -> None:
     choose("precision", config.precision, PRECISIONS, _where(source, data, "precision"))
     choose("openvino.inference_precision", config.openvino.inference_precision, OPENVINO_PRECISIONS, str(source))
     choose("quantization.method", config.quantization.method, CALIBRATION_METHODS, str(source))
+    choose("quantization.overflow_fix", config.quantization.overflow_fix, OVERFLOW_FIX_CHOICES, str(source))
     choose("executor.kind", config.executor.kind, EXECUTORS, str(source))
     positive = {
         "data.calibration_images": config.data.calibration_images,

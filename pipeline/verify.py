@@ -90,13 +90,22 @@ def verify(artifact: str | Path, seconds: float = 5.0, reporter=None) -> dict:
         "python": platform.python_version(),
     }
     if not drift.passed:
-        results["message"] = golden.failure_message(
-            f"{bundle.root}", drift,
-            f"OpenVINO ran {ran['execution_precision']} on {cpu['model']}: compare with the host's figures in "
-            "manifest.json 'expected', and rebuild the bundle for this CPU if they differ")
+        results["message"] = golden.failure_message(f"{bundle.root}", drift, _advice(bundle, xml, ran, cpu))
     results["results_file"] = str(golden.write_results(bundle, f"verify-{results['hostname']}", results))
     results["table"] = table
     return results
+
+
+def _advice(bundle: Bundle, xml: Path, ran: dict, cpu: dict) -> str:
+    """What to do about a failed check: the saturation of INT8 pair sums when it is the likely cause."""
+    from targets.cpu_features import int8_pairs_saturate
+
+    int8 = bundle.manifest.get("int8") or {}
+    if is_int8_ir(xml) and int8_pairs_saturate() and int8.get("overflow_fix") is False:
+        return (f"{cpu['model']} has no VNNI, so its INT8 kernels add pairs of products in int16 and saturate, and "
+                "this IR was built without the fix: rebuild it with quantization.overflow_fix: enable")
+    return (f"OpenVINO ran {ran['execution_precision']} on {cpu['model']}: compare with the host's figures in "
+            "manifest.json 'expected', and rebuild the bundle for this CPU if they differ")
 
 
 def openvino_artifact(bundle: Bundle) -> tuple[Path, str | None]:

@@ -18,7 +18,7 @@ MAX_LINES = 450
 DEVICE = ("pipeline.artifact", "pipeline.integrity", "pipeline.golden", "pipeline.verify", "pipeline.device_build",
           "pipeline.device_check", "pipeline.divergence",
           "pipeline.runtime", "pipeline.drift", "pipeline.formats", "pipeline.errors", "targets", "targets.runner", "targets.timing",
-          "targets.onnxruntime", "targets.openvino", "targets.tensorrt")
+          "targets.onnxruntime", "targets.openvino", "targets.tensorrt", "targets.cpu_features")
 # The host side: building, measuring and reporting, which a device never needs.
 HOST = ("pipeline.build", "pipeline.lock", "pipeline.context", "pipeline.plan", "pipeline.stages", "pipeline.config",
         "pipeline.measure", "pipeline.report", "pipeline.models", "pipeline.weights", "calibration",

@@ -85,6 +85,8 @@ def _config_of(build: Build):
                          "residual_adds": bool(quantize["params"].get("residual_adds", False)),
                          # what the build resolved (pipeline.stages.quantize.unsigned); older builds: signed
                          "unsigned_activations": bool(quantize["params"].get("unsigned_activations", False)),
+                         # resolved by the build's machine (pipeline.stages.quantize.overflow), not this one's
+                         "overflow_fix": "enable" if quantize["params"].get("overflow_fix") else "disable",
                          "equalization": "equalize" in stages},
     }
     if "frames" in data:
@@ -93,7 +95,7 @@ def _config_of(build: Build):
 
 
 # The INT8 options a row turns the other way, as `pipeline.yaml` names them (`quantization.<option>`).
-OPTIONS = ("bias_correction", "unsigned_activations", "residual_adds", "equalization", "adaround")
+OPTIONS = ("bias_correction", "unsigned_activations", "overflow_fix", "residual_adds", "equalization", "adaround")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Variant:
     method: str
     bias_correction: bool
     unsigned_activations: bool
+    overflow_fix: bool
     residual_adds: bool
     equalization: bool
     adaround: bool  # the build's learnt AdaRound weights, or nearest rounding
@@ -141,6 +144,7 @@ def compare_calibration_methods(build: Build, reporter=None) -> dict:
     return {"methods": rows, "options": options, "options_not_compared": not_compared,
             "build_options": {option: getattr(built, option) for option in OPTIONS},
             "images": quantizer.count, "kept_in_float": quantizer.excluded, "same_images_as_build": same,
+            "random_weights": quantizer.ctx.random_weights,
             "percentile": q.percentile, "bins": q.histogram_bins, "note": note}
 
 
@@ -155,7 +159,7 @@ class _Requantizer:
         from pipeline.stages.equalize import quantized_source
         from pipeline.stages.quantize.adaround import saved_rounding
         from pipeline.stages.quantize.bias import saved_shifts
-        from pipeline.stages.quantize.unsigned import unsigned_activations
+        from pipeline.stages.quantize.options import qdq_options
 
         self.config, self.reporter, self.scratch = plan.config, reporter, scratch
         self.ctx = BuildContext(plan, reporter)
@@ -174,8 +178,9 @@ class _Requantizer:
         self.shifts = saved_shifts(build.root / "quantize")  # the build's bias correction, if it made one
         self.rounding = saved_rounding(build.root / "quantize")  # and its AdaRound weights (range-independent)
         self.target = self.config.target
-        self.built = Variant(q.method, self.shifts is not None, unsigned_activations(self.config), q.residual_adds,
-                             q.equalization, self.rounding is not None)
+        options = qdq_options(self.config)
+        self.built = Variant(q.method, self.shifts is not None, options["unsigned"], options["overflow_fix"],
+                             q.residual_adds, q.equalization, self.rounding is not None)
         self.tables: dict = {}
         self.computed_shifts: dict = {}
 
@@ -183,6 +188,8 @@ class _Requantizer:
         """Why an option's other value cannot be measured on this build ("" when it can)."""
         if option == "unsigned_activations" and self.target != "cpu":
             return "GPU targets keep signed INT8 (TensorRT's Q/DQ takes no UINT8)"
+        if option == "overflow_fix" and self.target != "cpu":
+            return "GPU targets: TensorRT's INT8 accumulates in int32"
         if option == "adaround" and not self.built.adaround:
             return "learning AdaRound takes minutes per Conv: build with quantization.adaround: true to measure it"
         if option == "equalization" and self.built.adaround:
@@ -204,7 +211,7 @@ class _Requantizer:
         path = self.scratch / "variant.onnx"
         write_qdq_model(fp32, table.amax, path, self.excluded, bias_shifts=self._shifts(variant, table.amax),
                         residual_adds=variant.residual_adds, weight_rounding=rounding,
-                        unsigned=variant.unsigned_activations)
+                        unsigned=variant.unsigned_activations, overflow_fix=variant.overflow_fix)
         ctx, judged = self.ctx, {}
         ort = ctx.predict(OnnxRuntimeRunner(path, threads=ctx.threads), self.count, f"INT8 ONNX Runtime ({name})")
         judged["onnxruntime"] = compare(f"quantize ({name})", self.reference, ort, self.labels, self._budget("quantize"))
@@ -275,15 +282,16 @@ class _Requantizer:
         """Bias correction's shifts of the variant's weights: the build's when its weights are the build's."""
         if not variant.bias_correction:
             return None
-        if (variant.equalization, variant.adaround) == (self.built.equalization, self.built.adaround) and self.shifts:
+        key = (variant.equalization, variant.adaround, variant.overflow_fix)  # what the weights depend on
+        if key == (self.built.equalization, self.built.adaround, self.built.overflow_fix) and self.shifts:
             return self.shifts
-        key = (variant.equalization, variant.adaround)
         if key not in self.computed_shifts:
             from pipeline.stages.quantize.bias import BIAS_CORRECTION_IMAGES, weight_rounding_shifts
             from pipeline.stages.quantize.qdq import write_qdq_model
 
             fp32, plain = self._fp32(variant.equalization), self.scratch / "uncorrected.onnx"
-            write_qdq_model(fp32, amax, plain, self.excluded, weight_rounding=self.rounding if variant.adaround else None)
+            write_qdq_model(fp32, amax, plain, self.excluded, weight_rounding=self.rounding if variant.adaround else None,
+                            unsigned=variant.unsigned_activations, overflow_fix=variant.overflow_fix)
             crops, size = self.ctx.calibration.crops[:BIAS_CORRECTION_IMAGES], self.config.data.batch_size
             batches = [self.ctx.preprocessing.normalize(crops[i:i + size]) for i in range(0, len(crops), size)]
             with self.reporter.status(f"bias correction: mean output shifts on {len(crops)} calibration images"):

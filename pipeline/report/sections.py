@@ -190,16 +190,20 @@ def calibration_section(comparison: dict, images: dict) -> dict:
     own = next(row for row in comparison["methods"] if row["build_method"])
     methods = [(row["method"] + (" (this build)" if row["build_method"] else ""), row) for row in comparison["methods"]]
     options = [(f"{row['option']}: {'on' if row['value'] else 'off'}", row) for row in comparison.get("options", [])]
+    # Random weights: the centred figures are the ones that mean something (pipeline.yaml, drift.random_weights).
+    centred = "centred_" if comparison.get("random_weights") else ""  # the key prefix of the drift figures
+    shown = centred.replace("_", " ")
     header = ["Q/DQ model", "calibration images", "top-1 (ORT · OV)", "agreement (ORT · OV)",
-              "flips lost/gained (ORT · OV)", "SQNR (ORT · OV)", "cosine (ORT)", "verdict (ORT · OV)"]
+              "flips lost/gained (ORT · OV)", f"{shown}SQNR (ORT · OV)", f"{shown}cosine (ORT)", "verdict (ORT · OV)"]
     built = ", ".join(f"{option} {'on' if value else 'off'}" for option, value in comparison.get("build_options", {}).items())
-    rows = [_comparison_row(name, row) for name, row in methods]
-    option_rows = [_comparison_row(f"this build ({own['method']})", own)] + [_comparison_row(n, r) for n, r in options]
+    rows = [_comparison_row(name, row, centred) for name, row in methods]
+    option_rows = [_comparison_row(f"this build ({own['method']})", own, centred)] + [
+        _comparison_row(name, row, centred) for name, row in options]
     everything = methods + options
     images["calibration.png"] = calibration_plot([name for name, _ in everything],
                                                  [row["drift"].get("top1") for _, row in everything],
                                                  [row["drift"]["agreement"] for _, row in everything],
-                                                 [row["drift"].get("sqnr_db") for _, row in everything])
+                                                 [row["drift"].get(f"{centred}sqnr_db") for _, row in everything])
     blocks = [("text", f"The Q/DQ model re-quantized from the build's FP32 graph (the build's calibration images; "
                        f"percentile {comparison['percentile']}, {comparison['bins']} histogram bins; the same "
                        f"{len(comparison['kept_in_float'])} layers in float as the gate chose), in ONNX Runtime (ORT) "
@@ -219,8 +223,9 @@ def calibration_section(comparison: dict, images: dict) -> dict:
     return {"title": "Calibration methods and INT8 options", "blocks": blocks}
 
 
-def _comparison_row(name: str, row: dict) -> list[str]:
-    """One Q/DQ model's figures on ONNX Runtime / OpenVINO (a comparison cached before OpenVINO: ORT alone)."""
+def _comparison_row(name: str, row: dict, centred: str) -> list[str]:
+    """One Q/DQ model's figures on ONNX Runtime · OpenVINO (a comparison cached before OpenVINO: ORT alone);
+    `centred`: "centred_" to show the centred SQNR and cosine (random weights)."""
     ort, ov = row["drift"], row.get("openvino") or {}
 
     def both(format_one) -> str:
@@ -229,7 +234,7 @@ def _comparison_row(name: str, row: dict) -> list[str]:
     return [name, str(row["calibration_images"]), both(lambda d: percent_change(d.get("ref_top1"), d.get("top1"))),
             both(lambda d: pct(d.get("agreement"))),
             both(lambda d: "—" if d.get("flips_lost") is None else f"{d['flips_lost']}/{d['flips_gained']}"),
-            both(lambda d: sqnr(d.get("sqnr_db"))), cosine(ort.get("cosine")), both(drift_verdict)]
+            both(lambda d: sqnr(d.get(f"{centred}sqnr_db"))), cosine(ort.get(f"{centred}cosine")), both(drift_verdict)]
 
 
 def flips_section(flips: dict, build: Build, images: dict) -> dict:

@@ -150,3 +150,25 @@ def test_charts_never_mix_image_sets():
     assert set(figures) == set(images) == {"stages_64.png", "stages_200.png"}
     assert figures["stages_64.png"].endswith("on 64 images: openvino_fp16")
     assert figures["stages_200.png"].endswith("on 200 images: quantize, openvino_int8")
+
+
+def test_calibration_section_shows_centred_figures_for_random_weights():
+    """Random weights: the comparison's SQNR and cosine columns are the centred ones, on both back ends."""
+    from pipeline.report.sections import calibration_section
+
+    ort, ov = _drift("quantize", 0.05, INT8_BUDGET), _drift("openvino_int8", 0.2, INT8_BUDGET)
+    # Random weights' logits are mostly each class's mean, so their centred SQNR is far lower (here: set so).
+    ort, ov = {**ort, "centred_sqnr_db": 9.1}, {**ov, "centred_sqnr_db": 7.4}
+    row = {"method": "percentile", "build_method": True, "calibration_images": 512, "drift": ort, "openvino": ov}
+    for random_weights, key in ((False, "sqnr_db"), (True, "centred_sqnr_db")):
+        comparison = {"methods": [row], "options": [{**row, "build_method": False, "option": "bias_correction",
+                                                     "value": False}],
+                      "options_not_compared": {"adaround": "minutes"}, "images": 200, "kept_in_float": [],
+                      "percentile": 99.99, "bins": 2048, "random_weights": random_weights}
+        section = calibration_section(comparison, {})
+        tables = [block for block in section["blocks"] if block[0] == "table"]
+        assert len(tables) == 2  # the methods, then the options
+        header, rows = tables[0][1], tables[0][2]
+        cell = rows[0][header.index(("centred " if random_weights else "") + "SQNR (ORT · OV)")]
+        assert cell == f"{formats.sqnr(ort[key])} · {formats.sqnr(ov[key])}"
+        assert [r[0] for r in tables[1][2]] == ["this build (percentile)", "bias_correction: off"]

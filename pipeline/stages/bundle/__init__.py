@@ -154,7 +154,11 @@ def write_bundle(ctx: "BuildContext", inputs: dict[str, "StageRecord"], folder: 
     if gpu:
         manifest["tensorrt"] = tensorrt_options(config)
     if "calibrate" in inputs:
+        from pipeline.stages.quantize.overflow import overflow_fix
+
         manifest["calibration"] = CALIBRATION
+        # verify names the cause when a CPU without VNNI saturates an IR built without the fix
+        manifest["int8"] = {"overflow_fix": overflow_fix(config)}
     manifest["wheel"], wheel_note = write_wheel(folder / WHEEL_DIR) if config.bundle.include_wheel else (None, "bundle.include_wheel is off")
     if wheel_note:
         manifest["wheel_note"] = wheel_note

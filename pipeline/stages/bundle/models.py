@@ -78,13 +78,13 @@ def _write_fallback(inputs: dict, excluded: list[str], output: Path, config) -> 
     from pipeline.stages.quantize.adaround import saved_rounding
     from pipeline.stages.quantize.bias import saved_shifts
     from pipeline.stages.quantize.qdq import write_qdq_model
-    from pipeline.stages.quantize.unsigned import unsigned_activations
+    from pipeline.stages.quantize.options import qdq_options
 
     table = CalibrationTable.load(inputs["calibrate"].path(CALIBRATION))
     source = "equalize" if "equalize" in inputs else "simplify"  # the FP32 ONNX the quantize stage quantized
     write_qdq_model(inputs[source].path(ONNX_FILE), table.amax, output, excluded,
-                    bias_shifts=saved_shifts(inputs["quantize"].folder), residual_adds=config.quantization.residual_adds,
-                    weight_rounding=saved_rounding(inputs["quantize"].folder), unsigned=unsigned_activations(config))
+                    bias_shifts=saved_shifts(inputs["quantize"].folder), weight_rounding=saved_rounding(inputs["quantize"].folder),
+                    **qdq_options(config))
 
 
 def cpu_model(ctx: "BuildContext", inputs: dict, folder: Path, golden: Golden):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.stages.base import GATE_FILE, ONNX_FILE, TABLE_FILE, Stage, budget_variants, onnx_runner
 from pipeline.stages.equalize import quantized_source
+from pipeline.stages.quantize.overflow import overflow_fix
 from pipeline.stages.quantize.unsigned import unsigned_activations
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def stage(config) -> Stage:
                  {"evaluation_images": q.evaluation_images, "decision_images": q.decision_images,
                   "bias_correction": q.bias_correction, "adaround": q.adaround,
                   "residual_adds": q.residual_adds, "unsigned_activations": unsigned_activations(config),
+                  "overflow_fix": overflow_fix(config),  # resolved: auto decides by this machine's CPU
                   "sensitivity_images": q.sensitivity_images,
                   "max_fallback_layers": q.max_fallback_layers, "fallback_group": q.fallback_group,
                   "budgets": budget_variants(config, ("quantize", "openvino_int8", "gate")),
@@ -33,6 +35,7 @@ def stage(config) -> Stage:
                  modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
                           "pipeline.stages.quantize.adaround", "pipeline.stages.quantize.residual",
                           "pipeline.stages.quantize.unsigned", "pipeline.stages.quantize.int8_weights",
+                          "pipeline.stages.quantize.overflow", "pipeline.stages.quantize.options", "targets.cpu_features",
                           "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime",
                           "pipeline.executor.work"))
 

@@ -50,7 +50,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     from pipeline.drift import compare
     from pipeline.stages.quantize.qdq import describe_placement, write_qdq_model
     from pipeline.stages.quantize.sensitivity import fallback, rank_layers
-    from pipeline.stages.quantize.unsigned import unsigned_activations
+    from pipeline.stages.quantize.options import qdq_options
     from pipeline.executor.work import onnxruntime_spec, openvino_spec
     from targets.openvino import convert_to_ir
 
@@ -72,22 +72,22 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
     # Beside the stage's output, not in /tmp: Ray workers on other nodes open the attempts from the build folder.
     scratch = Path(tempfile.mkdtemp(prefix="int8-gate-", dir=output.parent))
     try:
-        qdq_options = {"residual_adds": q.residual_adds, "unsigned": unsigned_activations(ctx.config)}
-        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **qdq_options)
+        options = qdq_options(ctx.config)
+        write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **options)
         rounding, adaround = _adaround(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.adaround else (None, None)
         if rounding:  # bias correction then measures the shifts of the weights that will run
-            qdq_options["weight_rounding"] = rounding
-            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **qdq_options)
+            options["weight_rounding"] = rounding
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", **options)
         shifts = _bias_shifts(ctx, fp32_onnx, scratch / "all.onnx", output.parent) if q.bias_correction else None
         if shifts:  # rank the layers as they will run: with their corrected biases
-            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, **qdq_options)
+            write_qdq_model(fp32_onnx, amax, scratch / "all.onnx", bias_shifts=shifts, **options)
         sample = ctx.preprocessing.normalize(ctx.calibration.crops[: q.sensitivity_images])
         with ctx.reporter.status(f"ranking layer sensitivity on {len(sample)} calibration images"):
             ranking = rank_layers(fp32_onnx, scratch / "all.onnx", sample, RANKING_BATCH, ctx.threads)
 
         def evaluate(excluded: tuple[str, ...]):
             path = scratch / f"attempt-{len(excluded)}.onnx"
-            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, **qdq_options)
+            write_qdq_model(fp32_onnx, amax, path, excluded, bias_shifts=shifts, **options)
             on_ort = judge("quantize", on_decision_images(onnxruntime_spec(path, ctx.threads),
                                                           f"INT8 ONNX Runtime, {len(excluded)} layers in float").logits)
             xml = convert_to_ir(path, scratch / f"attempt-{len(excluded)}.xml", "fp32")
@@ -128,7 +128,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
                 f"best reached: {best.details['figure']} {best.figure:.4g} with {len(best.excluded)} layers in float "
                 f"on {len(expected)} gate decision images (budgets: drift.quantize, drift.openvino_int8, drift.gate; "
                 f"more fallback: quantization.max_fallback_layers)")
-        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, **qdq_options)
+        summary = write_qdq_model(fp32_onnx, amax, output, result.excluded, bias_shifts=shifts, **options)
         # The stage's drift check: the chosen model, once, on the evaluation images.
         np.save(output.parent / LOGITS_FILE, ctx.evaluate(onnxruntime_spec(output, ctx.threads), q.evaluation_images,
                                                           "INT8 ONNX Runtime, the chosen model").logits)

@@ -73,6 +73,7 @@ class QdqSummary:
     activation_pairs: int  # Q/DQ pairs on activations (one per quantized tensor)
     weight_dequantize: int  # int8 weight initializers behind a DequantizeLinear
     unsigned_pairs: int = 0  # of those, pairs on never-negative tensors in uint8 (zero point 0, scale = amax/255)
+    overflow_fix_convs: int | None = None  # Convs whose weight scales `overflow_fix` widened (None: off)
     activation_type: str = "int8 per-tensor symmetric (zero point 0, scale = amax/127)"
     weight_type: str = "int8 per-channel symmetric (axis 0, zero point 0)"
 
@@ -115,6 +116,7 @@ def write_qdq_model(
     residual_adds: bool = False,
     unsigned: bool = False,
     weight_rounding: Mapping[str, np.ndarray] | None = None,
+    overflow_fix: bool = False,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
@@ -125,6 +127,9 @@ def write_qdq_model(
     `unsigned`: never-negative activations as UINT8 (`pipeline.stages.quantize.unsigned`; not for TensorRT).
     `weight_rounding` (from `pipeline.stages.quantize.adaround`): AdaRound's int8 weights of each INT8 Conv,
     in place of nearest rounding (the shifts of `bias_shifts` must have been measured with them).
+    `overflow_fix`: no Conv can saturate on x86 CPUs without VNNI (`pipeline.stages.quantize.overflow`: wider
+    weight scales where neighbouring weights are large); AdaRound's weights and the shifts must then have been
+    measured on a model written with it too.
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -144,6 +149,7 @@ def write_qdq_model(
     _constants_to_initializers(model.graph)
     tensors = quantized_activations(model, exclude_nodes)
     quantized = [n.name for n in _quantizable_convs(model.graph) if n.name not in set(exclude_nodes)]
+    fp32_weights = _conv_weights(model.graph, quantized) if overflow_fix else {}
     pairs = []
     if residual_adds:
         from pipeline.stages.quantize.residual import place_residual_pairs, residual_pairs
@@ -183,15 +189,20 @@ def write_qdq_model(
     _restore_float_consumers(qdq.graph, set(quantized))
     if pairs:
         place_residual_pairs(qdq, pairs, amax)
-    if weight_rounding:
-        from pipeline.stages.quantize.adaround import apply_rounding
-
-        apply_rounding(qdq, weight_rounding, quantized)
     unsigned_pairs = 0
     if unsigned:
         from pipeline.stages.quantize.unsigned import make_unsigned
 
         unsigned_pairs = make_unsigned(qdq, amax)
+    overflow = None
+    if overflow_fix:  # before AdaRound, which rounds around the weights that will run
+        from pipeline.stages.quantize.overflow import make_saturation_safe
+
+        overflow = make_saturation_safe(qdq, fp32_weights, quantized)
+    if weight_rounding:
+        from pipeline.stages.quantize.adaround import apply_rounding
+
+        apply_rounding(qdq, weight_rounding, quantized)
     if bias_shifts:
         from pipeline.stages.quantize.bias import apply_shifts
 
@@ -208,6 +219,7 @@ def write_qdq_model(
         activation_pairs=placement["activation_pairs"],
         weight_dequantize=placement["weight_dequantize"],
         unsigned_pairs=unsigned_pairs,
+        overflow_fix_convs=overflow,
         **({"activation_type": QdqSummary.activation_type + "; uint8 on never-negative tensors "
             "(zero point 0, scale = amax/255)"} if unsigned_pairs else {}),
     )
@@ -261,6 +273,16 @@ def describe_placement(qdq_model: "onnx.ModelProto | str | os.PathLike") -> dict
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _conv_weights(graph, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The float weights of the Convs `names`, by node name (before the quantizer replaces them)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    wanted = set(names)
+    return {node.name: numpy_helper.to_array(initializers[node.input[1]])
+            for node in graph.node if node.op_type == QUANTIZED_OP and node.name in wanted}
 
 
 def _quantizable_convs(graph) -> list:
