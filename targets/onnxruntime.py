@@ -28,9 +28,11 @@ def _ort():
     return onnxruntime
 
 
-def graph_optimizations(fp16_typed: bool, provider: str = CPU) -> bool:
-    """Whether ONNX Runtime may optimize the graph: not for FP16-typed models on the CPU provider."""
-    return not (fp16_typed and provider == CPU)
+def graph_optimizations(fp16_typed: bool, provider: str = CPU, exact: bool = False) -> bool:
+    """Whether ONNX Runtime may optimize the graph: not for FP16-typed models on the CPU provider, nor where the
+    Q/DQ model's exact arithmetic is asked for (`exact`: each DequantizeLinear and Conv in float, no INT8
+    kernel, which on x86 without VNNI saturates pair sums that TensorRT does not)."""
+    return not exact and not (fp16_typed and provider == CPU)
 
 
 def providers_for(device: str = "CPU") -> list[str]:
@@ -46,7 +48,7 @@ def providers_for(device: str = "CPU") -> list[str]:
 
 
 def open_session(model, threads: int | None = None, fp16_typed: bool = False, device: str = "CPU",
-                 what: str | None = None, advice: str = ""):
+                 what: str | None = None, advice: str = "", exact: bool = False):
     """An InferenceSession over an ONNX file or a serialized / in-memory `onnx.ModelProto`.
 
     `threads`: intra-op threads (None or 0: ONNX Runtime's choice). A model that cannot be loaded is
@@ -56,7 +58,7 @@ def open_session(model, threads: int | None = None, fp16_typed: bool = False, de
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    if not graph_optimizations(fp16_typed, providers[0]):
+    if not graph_optimizations(fp16_typed, providers[0], exact):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, (str, Path)):
         source, what = str(model), what or str(model)
@@ -77,13 +79,14 @@ class OnnxRuntimeRunner(RunnerBase):
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, name: str = "onnxruntime",
-                 fp16_typed: bool = False, device: str = "CPU"):
+                 fp16_typed: bool = False, device: str = "CPU", exact: bool = False):
         path = Path(path)
         if not path.is_file():
             raise PipelineError(f"ONNX model not found: {path}")
-        self.session = open_session(path, threads, fp16_typed, device, advice="rebuild the stage that wrote it")
+        self.session = open_session(path, threads, fp16_typed, device, advice="rebuild the stage that wrote it",
+                                    exact=exact)
         provider = self.session.get_providers()[0]
-        if not graph_optimizations(fp16_typed, provider):
+        if not graph_optimizations(fp16_typed, provider, exact):
             name = f"{name} (graph optimizations off)"
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:

@@ -54,8 +54,9 @@ class RunnerSpec:
         raise ValueError(f"unknown back end {self.backend!r} (known: {', '.join(BACKENDS)})")
 
 
-def onnxruntime_spec(path, threads: int | None, fp16_typed: bool = False) -> RunnerSpec:
-    return RunnerSpec("onnxruntime", str(path), {"threads": threads, "fp16_typed": fp16_typed})
+def onnxruntime_spec(path, threads: int | None, fp16_typed: bool = False, exact: bool = False) -> RunnerSpec:
+    options = {"threads": threads, "fp16_typed": fp16_typed}
+    return RunnerSpec("onnxruntime", str(path), {**options, "exact": True} if exact else options)
 
 
 def openvino_spec(path, inference_precision: str | None, threads: int | None) -> RunnerSpec:

@@ -148,14 +148,15 @@ def _openvino_finished(request, userdata) -> None:
 class OnnxRuntimeBackend(_ThreadedAsync, Backend):
     """An ONNX model on ONNX Runtime (CPU, or CUDA when asked), fed by the numpy normaliser."""
 
-    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None, fp16_typed: bool = False):
+    def __init__(self, onnx: Path, mean, std, device: str = "CPU", threads: int | None = None, fp16_typed: bool = False,
+                 exact: bool = False):
         from targets.onnxruntime import OnnxRuntimeRunner
 
         onnx = Path(onnx)
         if not onnx.is_file():
             raise PipelineError(f"{onnx}: missing ONNX model: copy the whole bundle again")
         self.normalize = Normalizer(mean, std)
-        self.runner = OnnxRuntimeRunner(onnx, threads, fp16_typed=fp16_typed, device=device)
+        self.runner = OnnxRuntimeRunner(onnx, threads, fp16_typed=fp16_typed, device=device, exact=exact)
         provider = self.runner.provider.replace("ExecutionProvider", "")
         self.name = f"onnxruntime {provider} ({onnx.name})"
 

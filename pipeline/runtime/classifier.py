@@ -78,7 +78,8 @@ class Classifier:
         else:
             # The bundle says which of its ONNX models ONNX Runtime must run without graph optimizations
             # (the FP16-typed ones: its CPU provider computes them wrongly otherwise).
-            runner = OnnxRuntimeBackend(choice.file, mean, std, device, fp16_typed=artifact.get("optimize") is False)
+            runner = OnnxRuntimeBackend(choice.file, mean, std, device, fp16_typed=artifact.get("optimize") is False,
+                                        exact=_saturates_here(bundle, precision, device))
         return cls(bundle, runner, precision, choice.reason)
 
     # -- synchronous ----------------------------------------------------------------------------
@@ -224,3 +225,12 @@ def find_engine(bundle: Bundle, precision: str) -> tuple[Path | None, str]:
         except (PipelineError, OSError) as error:
             reasons.append(f"{engine.parent.name}: {error}")
     return None, "; ".join(reasons)
+
+
+def _saturates_here(bundle: Bundle, precision: str, device: str) -> bool:
+    """An INT8 Q/DQ model with full-range weights (a GPU bundle's: TensorRT accumulates in int32) on a CPU whose
+    INT8 kernels add pairs of products in int16: run it in its exact arithmetic instead (no INT8 kernels)."""
+    from targets.cpu_features import int8_pairs_saturate
+
+    fixed = (bundle.manifest.get("int8") or {}).get("overflow_fix")
+    return precision == "int8" and device.upper() == "CPU" and not fixed and int8_pairs_saturate()

@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from pipeline.artifact import Bundle
+from targets.cpu_features import int8_pairs_saturate
 from targets.onnxruntime import OnnxRuntimeRunner
 from targets.runner import predict
 from tests.builds import SmallBuild
@@ -81,7 +82,9 @@ def test_golden_outputs_reproduce_in_onnx_runtime(bundle, relative):
     precision = {"models/fp32.onnx": "fp32", "models/fp16.onnx": "fp16"}.get(relative, "int8")
     limit = tolerance[precision]["variants"].get(relative, tolerance[precision]["max_abs"])
     fp16_typed = relative in ("models/fp16.onnx", "models/int8_qdq_fp16.onnx")
-    runner = OnnxRuntimeRunner(bundle.path(relative), fp16_typed=fp16_typed)
+    # On a CPU without VNNI the INT8 models' golden logits are their exact arithmetic (what TensorRT computes).
+    exact = precision == "int8" and int8_pairs_saturate()
+    runner = OnnxRuntimeRunner(bundle.path(relative), fp16_typed=fp16_typed, exact=exact)
     crops, _, reference = bundle.golden()
     logits = predict(runner, crops, 8, prepare=bundle.normalize)
     assert np.max(np.abs(logits - reference)) <= limit
@@ -182,6 +185,19 @@ def test_fp16_typed_qdq_model_has_fp16_tensors_fp16_scales_and_int8_weights(bund
     fp16 = onnx.load(str(bundle.path("models/fp16.onnx")))
     assert fp16.graph.input[0].type.tensor_type.elem_type == fp32_io
     assert {init.data_type for init in fp16.graph.initializer if init.data_type in (1, 10)} == {onnx.TensorProto.FLOAT16}
+
+
+def test_the_gate_judges_the_tensorrt_model_as_tensorrt_computes_it(gpu_build):
+    """TensorRT accumulates INT8 in int32. On a CPU without VNNI the host's INT8 kernels would saturate the signed,
+    full-range Q/DQ model's pair sums (Lite0: 1.5 dB against 19.2 dB exact), so the gate judges it in ONNX
+    Runtime's exact arithmetic and leaves OpenVINO out; elsewhere it judges both back ends."""
+    gate = json.loads((gpu_build.root / "quantize" / "gate.json").read_text())
+    judged_on_openvino = [attempt["details"]["openvino"] is not None for attempt in gate["attempts"]]
+    if int8_pairs_saturate():
+        assert "no VNNI" in gate["openvino_skipped"] and not any(judged_on_openvino)
+        assert gate["passed"] and gate["excluded_layers"] == []  # judged exactly, Lite0 needs no fallback
+    else:
+        assert "openvino_skipped" not in gate and all(judged_on_openvino)
 
 
 def test_fallback_variant_keeps_more_layers_in_float(bundle, gpu_build):

@@ -95,26 +95,14 @@ def test_neighbouring_weights_fit_a_pair_sum_and_the_rest_is_unchanged(tmp_path)
     assert logit_sqnr_db(reference, quantized) > 15
 
 
-def _exact(path, images):
-    """The Q/DQ model's own arithmetic: ONNX Runtime with graph optimizations off runs each
-    DequantizeLinear and the Conv in float, so no INT8 kernel (and no saturation) is involved."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + 16]})[0] for i in range(0, len(images), 16)])
-
-
 def test_lite0s_int8_kernels_compute_the_qdq_model_with_the_fix(small_cpu_build, imagenet, tmp_path):
     """The small build's table, 32 val images: with the fix, ONNX Runtime's and OpenVINO's INT8 kernels give the
     Q/DQ model's exact logits on this CPU, whatever it is; without it, on a CPU whose pair sums saturate, they do
     not (measured on an AMD EPYC without VNNI: 7 dB against 20 dB exact)."""
     from calibration.statistics import CalibrationTable
-    from targets.runner import predict
+    from targets.onnxruntime import OnnxRuntimeRunner
     from targets.openvino import OpenVinoRunner, convert_to_ir
+    from targets.runner import predict
 
     fp32 = small_cpu_build.root / "simplify" / "model.onnx"
     amax = CalibrationTable.load(small_cpu_build.root / "calibrate" / "calibration.json").amax
@@ -123,7 +111,8 @@ def test_lite0s_int8_kernels_compute_the_qdq_model_with_the_fix(small_cpu_build,
     for fix in (True, False):
         path = tmp_path / f"fix-{fix}.onnx"
         write_qdq_model(fp32, amax, path, unsigned=True, overflow_fix=fix)
-        exact = _exact(path, images)
+        # The model's own arithmetic: each DequantizeLinear and Conv in float, no INT8 kernel to saturate.
+        exact = predict(OnnxRuntimeRunner(path, threads=2, exact=True), images, 16)
         runner = OpenVinoRunner(convert_to_ir(path, tmp_path / f"fix-{fix}.xml"), inference_precision="f32", threads=2)
         figures[fix] = {"onnxruntime": logit_sqnr_db(exact, run_logits(path, images)),
                         "openvino": logit_sqnr_db(exact, predict(runner, images, 8))}

@@ -201,4 +201,7 @@ def test_fp16_typed_models_run_without_graph_optimizations_on_the_cpu(onnx_path)
     assert graph_optimizations(fp16_typed=True, provider=CUDA)  # the rule is the CPU provider's
     runner = OnnxRuntimeRunner(onnx_path, fp16_typed=True)
     assert runner.name.endswith("(graph optimizations off)") and runner.provider == CPU
+    # exact: a Q/DQ model in its own arithmetic (no INT8 kernels), on any provider
+    assert not graph_optimizations(fp16_typed=False, exact=True) and not graph_optimizations(False, CUDA, exact=True)
+    assert OnnxRuntimeRunner(onnx_path, exact=True).name.endswith("(graph optimizations off)")
     assert runner.describe()["execution_precision"] == "fp16 (host proxy)"

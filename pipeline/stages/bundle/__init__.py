@@ -65,7 +65,8 @@ def stage(config, inputs: tuple[str, ...]) -> Stage:
                  modules=("pipeline.stages.bundle.golden", "pipeline.stages.bundle.models",
                           "pipeline.stages.bundle.package", "pipeline.artifact", "targets.runner",
                           "targets.onnxruntime", "pipeline.stages.fp16", "pipeline.stages.quantize.qdq",
-                          "pipeline.stages.quantize.unsigned"))
+                          "pipeline.stages.quantize.unsigned", "pipeline.stages.quantize.overflow",
+                          "pipeline.stages.quantize.options", "targets.cpu_features"))
 
 
 def _labels_identity(config) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.stages.base import GATE_FILE, ONNX_FILE, TABLE_FILE, Stage, budget_variants, onnx_runner
 from pipeline.stages.equalize import quantized_source
-from pipeline.stages.quantize.overflow import overflow_fix
+from pipeline.stages.quantize.overflow import host_int8_saturates_tensorrt_model, overflow_fix
 from pipeline.stages.quantize.unsigned import unsigned_activations
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ def stage(config) -> Stage:
                   "bias_correction": q.bias_correction, "adaround": q.adaround,
                   "residual_adds": q.residual_adds, "unsigned_activations": unsigned_activations(config),
                   "overflow_fix": overflow_fix(config),  # resolved: auto decides by this machine's CPU
+                  "judged_exactly": host_int8_saturates_tensorrt_model(config),  # GPU targets on a CPU without VNNI
                   "sensitivity_images": q.sensitivity_images,
                   "max_fallback_layers": q.max_fallback_layers, "fallback_group": q.fallback_group,
                   "budgets": budget_variants(config, ("quantize", "openvino_int8", "gate")),

@@ -85,3 +85,12 @@ def _depthwise(node, weights: np.ndarray) -> bool:
     """One input channel per group: computed product by product, no pairs."""
     group = next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1)
     return group > 1 and np.shape(weights)[1] == 1
+
+
+def host_int8_saturates_tensorrt_model(config) -> bool:
+    """A GPU target's signed, full-range Q/DQ ONNX judged on a CPU without VNNI: the host's INT8 kernels would
+    saturate sums that TensorRT (int32 accumulation) computes right, so the host judges it in ONNX Runtime's
+    exact arithmetic and not in OpenVINO (measured on Lite0: 1.5 dB in the kernels, 19.2 dB exact)."""
+    from targets.cpu_features import int8_pairs_saturate
+
+    return config.target != "cpu" and int8_pairs_saturate()
