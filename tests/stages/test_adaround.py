@@ -166,6 +166,7 @@ def test_int8_build_with_adaround_ships_the_learnt_weights_and_corrects_biases_w
     from pipeline.plan import BuildPlan
     from pipeline.progress import Reporter
     from pipeline.stages.quantize.bias import BIAS_CORRECTION_IMAGES, saved_shifts, weight_rounding_shifts
+    from pipeline.stages.quantize.options import qdq_options
     from tests.builds import build_with_option
 
     root, manifest, _ = build_with_option(tmp_path, imagenet, "cpu", "adaround: true", ("quantize", "openvino_int8"))
@@ -184,8 +185,9 @@ def test_int8_build_with_adaround_ships_the_learnt_weights_and_corrects_biases_w
     images = [ctx.preprocessing.normalize(crops[i:i + 8]) for i in range(0, len(crops), 8)]
     amax = CalibrationTable.load(root / "calibrate" / "calibration.json").amax
     fp32 = root / "simplify" / "model.onnx"
-    write_qdq_model(fp32, amax, tmp_path / "learnt.onnx", weight_rounding=rounding)
-    write_qdq_model(fp32, amax, tmp_path / "nearest.onnx")
+    options = qdq_options(config)  # as the build wrote it (overflow_fix: auto follows this CPU)
+    write_qdq_model(fp32, amax, tmp_path / "learnt.onnx", weight_rounding=rounding, **options)
+    write_qdq_model(fp32, amax, tmp_path / "nearest.onnx", **options)
     saved = saved_shifts(root / "quantize")
     learnt = weight_rounding_shifts(fp32, tmp_path / "learnt.onnx", images, 2)
     nearest = weight_rounding_shifts(fp32, tmp_path / "nearest.onnx", images, 2)

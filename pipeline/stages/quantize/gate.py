@@ -108,7 +108,7 @@ def run_gate(ctx: "BuildContext", fp32_onnx: Path, amax: dict, output: Path) -> 
             verdict = "within budget" if passed else "over budget: " + "; ".join(f for r in judged for f in r.failures)
             ctx.reporter.say(f"  INT8 gate, {len(excluded)} layers in float: {name} {figure:.4g} ({verdict})")
             return passed, figure, {"onnxruntime": on_ort.as_dict(),
-                                    "openvino": on_openvino.as_dict() if on_openvino else None,
+                                    "openvino": on_openvino.as_dict() if on_openvino is not None else None,
                                     "figure": name, "higher_is_better": higher}
 
         budget = ctx.config.gate_budget("quantize", ctx.random_weights, labelled)
