@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 MODEL = "efficientnet_lite0"
-# 64 calibration images, 96 INT8 evaluation images, 40 golden images; budgets relaxed for so few images.
+# 64 calibration images, 96 INT8 evaluation images, 96 gate decision images, 40 golden images; budgets relaxed for so few images.
 SMALL_CONFIG = """\
 data:
   calibration_images: 64
   evaluation_images: 32
 quantization:
   evaluation_images: 96
+  decision_images: 96
   sensitivity_images: 4
 bundle:
   golden_images: 40

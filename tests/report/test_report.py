@@ -27,6 +27,7 @@ SMALL_INT8 = """\
 data:
   batch_size: 16
 quantization:
+  decision_images: 96
   sensitivity_images: 4
   max_fallback_layers: 2
 drift:

@@ -47,14 +47,14 @@ def test_auto_follows_this_cpu_and_only_the_cpu_target_takes_it():
 
 
 def _max_pair_steps(q: np.ndarray) -> int:
-    """The largest |q_i| + |q_j| of neighbouring int8 weights of one output channel, in either layout."""
-    magnitude = np.abs(q.astype(np.int32))
-    return max(int((flat[:, :-1] + flat[:, 1:]).max()) for flat in
-               (magnitude.reshape(len(q), -1), np.moveaxis(magnitude, 1, -1).reshape(len(q), -1)))
+    """The largest |q_i + q_j| of neighbouring int8 weights of one output channel, in either layout."""
+    q = q.astype(np.int32)
+    return max(int(np.abs(flat[:, :-1] + flat[:, 1:]).max()) for flat in
+               (q.reshape(len(q), -1), np.moveaxis(q, 1, -1).reshape(len(q), -1)))
 
 
 def test_neighbouring_weights_fit_a_pair_sum_and_the_rest_is_unchanged(tmp_path):
-    """Every non-depthwise Conv's neighbouring int8 weights add up to at most 127 steps, so 255 * 128 fits int16
+    """Every non-depthwise Conv's neighbouring int8 weights of one sign add up to at most 127 steps, so 255 * 128 fits int16
     with AdaRound's one step more; activations and the Convs that already fit keep their scales."""
     from pipeline.stages.quantize.overflow import PAIR_LEVELS, pair_safe_scales
 
@@ -88,9 +88,11 @@ def test_neighbouring_weights_fit_a_pair_sum_and_the_rest_is_unchanged(tmp_path)
     # The scale of a channel: its largest neighbour sum over 126 steps, or its largest weight over 127.
     w = np.zeros((2, 2, 1, 2), np.float32)
     w[0, 0, 0] = [1.0, 1.0]  # neighbours in (I, kh, kw) order
-    w[1, :, 0, 0] = [1.0, 0.5]  # neighbours in (kh, kw, I) order
+    w[1, :, 0, 0] = [-1.0, -0.5]  # neighbours in (kh, kw, I) order, negative
     np.testing.assert_allclose(pair_safe_scales(w), [2.0 / 126, 1.5 / 126], rtol=1e-6)
     np.testing.assert_allclose(pair_safe_scales(np.array([[[[1.0]]], [[[0.0]]]], np.float32)), [1 / 127, 1.0])
+    # Weights of opposite signs cannot add up (the inputs are never negative): the largest weight decides.
+    np.testing.assert_allclose(pair_safe_scales(np.array([[[[1.0, -1.0, 1.0]]]], np.float32)), [1 / 127], rtol=1e-6)
     reference, quantized = run_logits(path, images), run_logits(safe, images)
     assert logit_sqnr_db(reference, quantized) > 15
 

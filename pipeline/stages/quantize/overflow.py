@@ -7,13 +7,14 @@ logit SQNR of one Q/DQ model falls from 19.6 dB (its exact value: ONNX Runtime w
 to 7.4 dB in ONNX Runtime and 6.1 dB in OpenVINO. Signed activations fare worse: the kernels shift them by
 +128 into uint8, so every input counts as large.
 
-The sum of a pair stays below 32767 when |q_i| + |q_j| <= 128 for every two weights a kernel may pair, since
-an input is at most 255. So each non-depthwise INT8 Conv gets, per output channel, the weight scale
-max(max|w| / 127, max(|w_i| + |w_j|) / 126) over the neighbours of both orders the kernels lay weights out
-in: (in channel, kh, kw) and (kh, kw, in channel). Where a channel's largest weight has small neighbours
+An input is 0..255, never negative, so two products of weights of opposite signs cannot overflow; the sum
+of a pair stays below 32767 when |q_i + q_j| <= 128 for every two weights a kernel may pair. So each
+non-depthwise INT8 Conv gets, per output channel, the weight scale max(max|w| / 127, max|w_i + w_j| / 126)
+over the neighbours of both orders the kernels lay weights out in: (in channel, kh, kw) and (kh, kw, in
+channel). Where a channel's largest weight has small neighbours
 the scale hardly changes; at worst it doubles (7-bit weights, what NNCF's `overflow_fix` and ONNX Runtime's
-`reduce_range` use for every weight). 126 leaves AdaRound, which moves a weight by at most one step, room
-within 128. Activations keep their 8 bits. Depthwise Convs are left alone: both back ends compute them
+`reduce_range` use for every weight). 126 leaves AdaRound, which moves a weight by at most one step and
+never across zero, room within 128. Activations keep their 8 bits. Depthwise Convs are left alone: both back ends compute them
 product by product in int32.
 
 `auto`, the default, turns this on when the build machine's CPU saturates, so the build's own checks see
@@ -28,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 INT8_MAX = 127
-PAIR_LEVELS = 126  # nearest rounding: |q_i| + |q_j| <= 127; AdaRound's one step more: 128; 255 * 128 = 32640
+PAIR_LEVELS = 126  # nearest rounding: |q_i + q_j| <= 127; AdaRound's one step more: 128; 255 * 128 = 32640
 
 
 def overflow_fix(config) -> bool:
@@ -44,14 +45,15 @@ def overflow_fix(config) -> bool:
 
 def pair_safe_scales(weights: np.ndarray) -> np.ndarray:
     """Per output channel of Conv weights (O, I, kh, kw, or any spatial rank): the smallest symmetric scale at which every two
-    neighbouring weights, in either layout, quantize to at most PAIR_LEVELS steps together."""
-    magnitude = np.abs(np.asarray(weights, np.float32))
-    channels = len(magnitude)
-    largest = magnitude.reshape(channels, -1).max(axis=1) / INT8_MAX
-    for layout in (magnitude, np.moveaxis(magnitude, 1, -1)):  # (I, kh, kw) and (kh, kw, I) order
+    neighbouring weights, in either layout, quantize to a sum of at most PAIR_LEVELS steps (only weights of
+    one sign can add up: the inputs are never negative)."""
+    w = np.asarray(weights, np.float32)
+    channels = len(w)
+    largest = np.abs(w).reshape(channels, -1).max(axis=1) / INT8_MAX
+    for layout in (w, np.moveaxis(w, 1, -1)):  # (I, kh, kw) and (kh, kw, I) order
         flat = layout.reshape(channels, -1)
         if flat.shape[1] > 1:
-            largest = np.maximum(largest, (flat[:, :-1] + flat[:, 1:]).max(axis=1) / PAIR_LEVELS)
+            largest = np.maximum(largest, np.abs(flat[:, :-1] + flat[:, 1:]).max(axis=1) / PAIR_LEVELS)
     return np.where(largest > 0, largest, 1.0).astype(np.float32)
 
 
