@@ -94,6 +94,7 @@ class QuantizationOptions:
     histogram_bins: int = 2048
     evaluation_images: int = 650
     residual_adds: bool = False  # residual Adds read both inputs through Q/DQ (TensorRT's fusable placement)
+    int8_head: bool = False  # the global pool's input and the Gemm / MatMul head in INT8 too (NNCF's placement)
     bias_correction: bool = True  # each INT8 Conv's bias corrected by its weight rounding's mean output shift
     adaround: bool = False  # INT8 weights rounded up or down by per-layer output reconstruction (AdaRound)
     equalization: bool = False  # cross-layer equalization of the FP32 graph before calibration (exact pairs only)

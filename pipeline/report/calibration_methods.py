@@ -83,6 +83,7 @@ def _config_of(build: Build):
                          "histogram_bins": calibrate["params"]["bins"],
                          "evaluation_images": quantize["params"]["evaluation_images"],
                          "residual_adds": bool(quantize["params"].get("residual_adds", False)),
+                         "int8_head": bool(quantize["params"].get("int8_head", False)),
                          # what the build resolved (pipeline.stages.quantize.unsigned); older builds: signed
                          "unsigned_activations": bool(quantize["params"].get("unsigned_activations", False)),
                          # resolved by the build's machine (pipeline.stages.quantize.overflow), not this one's
@@ -95,7 +96,8 @@ def _config_of(build: Build):
 
 
 # The INT8 options a row turns the other way, as `pipeline.yaml` names them (`quantization.<option>`).
-OPTIONS = ("bias_correction", "unsigned_activations", "overflow_fix", "residual_adds", "equalization", "adaround")
+OPTIONS = ("bias_correction", "unsigned_activations", "overflow_fix", "residual_adds", "int8_head", "equalization",
+           "adaround")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Variant:
     unsigned_activations: bool
     overflow_fix: bool
     residual_adds: bool
+    int8_head: bool
     equalization: bool
     adaround: bool  # the build's learnt AdaRound weights, or nearest rounding
 
@@ -180,7 +183,7 @@ class _Requantizer:
         self.target = self.config.target
         options = qdq_options(self.config)
         self.built = Variant(q.method, self.shifts is not None, options["unsigned"], options["overflow_fix"],
-                             q.residual_adds, q.equalization, self.rounding is not None)
+                             q.residual_adds, q.int8_head, q.equalization, self.rounding is not None)
         self.tables: dict = {}
         self.computed_shifts: dict = {}
 
@@ -211,7 +214,7 @@ class _Requantizer:
         rounding = self.rounding if variant.adaround else None
         path = self.scratch / "variant.onnx"
         write_qdq_model(fp32, table.amax, path, self.excluded, bias_shifts=self._shifts(variant, table.amax),
-                        residual_adds=variant.residual_adds, weight_rounding=rounding,
+                        residual_adds=variant.residual_adds, int8_head=variant.int8_head, weight_rounding=rounding,
                         unsigned=variant.unsigned_activations, overflow_fix=variant.overflow_fix)
         ctx, judged = self.ctx, {}
         exact = host_int8_saturates_tensorrt_model(self.config)  # as the gate judges a GPU target's model here
@@ -257,12 +260,12 @@ class _Requantizer:
         from calibration.statistics import CalibrationTable, ImageBatches, collect_ranges
         from pipeline.stages.quantize.qdq import quantized_activations
 
-        key = (variant.method, variant.equalization, variant.residual_adds)
+        key = (variant.method, variant.equalization, variant.residual_adds, variant.int8_head)
         if key in self.tables:
             return self.tables[key]
         q = self.config.quantization
         fp32 = self._fp32(variant.equalization)
-        tensors = quantized_activations(fp32, residual_adds=variant.residual_adds)
+        tensors = quantized_activations(fp32, residual_adds=variant.residual_adds, int8_head=variant.int8_head)
         built = self.built
         table = None
         if self.same_images and variant.method == built.method and variant.equalization == built.equalization:

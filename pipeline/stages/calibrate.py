@@ -20,10 +20,11 @@ def stage(config) -> Stage:
     q = config.quantization
     return Stage("calibrate", "activation ranges on calibration images", (quantized_source(config),),
                  {"method": q.method, "percentile": q.percentile, "bins": q.histogram_bins, "dla": for_dla(config),
-                  "residual_adds": q.residual_adds},
+                  "residual_adds": q.residual_adds, "int8_head": q.int8_head},
                  ("onnxruntime", "numpy"), produce_calibrate, TABLE_FILE, uses_calibration_images=True,
                  modules=("calibration.statistics", "calibration.thresholds", "pipeline.stages.quantize.qdq",
-                          "pipeline.stages.quantize.residual", "pipeline.stages.quantize.dla",
+                          "pipeline.stages.quantize.residual", "pipeline.stages.quantize.head",
+                          "pipeline.stages.quantize.dla",
                           "targets.onnxruntime", "pipeline.executor.work"))
 
 
@@ -41,7 +42,7 @@ def produce_calibrate(ctx: "BuildContext", inputs: dict, folder: Path) -> dict:
 
     source = inputs[quantized_source(ctx.config)].path(ONNX_FILE)
     q = ctx.config.quantization
-    tensors, dla = quantized_activations(source, residual_adds=q.residual_adds), None
+    tensors, dla = quantized_activations(source, residual_adds=q.residual_adds, int8_head=q.int8_head), None
     if for_dla(ctx.config):  # the same table then gives the Q/DQ ONNX and the DLA calibration cache
         share = shared_ranges(source)
         dla = {"tensors": list(dict.fromkeys(dla_tensors(source) + list(share))), "share": share}

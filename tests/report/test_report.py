@@ -174,11 +174,12 @@ def test_each_int8_option_compared_turned_the_other_way(built):
     comparison = _report(built)["calibration_comparison"]
     fix = int8_pairs_saturate()  # overflow_fix: auto, resolved by this machine's CPU
     assert comparison["build_options"] == {"bias_correction": True, "unsigned_activations": True, "overflow_fix": fix,
-                                           "residual_adds": False, "equalization": False, "adaround": False}
+                                           "residual_adds": False, "int8_head": False, "equalization": False,
+                                           "adaround": False}
     options = {row["option"]: row for row in comparison["options"]}
     assert {name: row["value"] for name, row in options.items()} == {
         "bias_correction": False, "unsigned_activations": False, "overflow_fix": not fix, "residual_adds": True,
-        "equalization": True}
+        "int8_head": True, "equalization": True}
     assert "quantization.adaround: true" in comparison["options_not_compared"]["adaround"]  # minutes: not learnt here
     own = next(row for row in comparison["methods"] if row["build_method"])
     for name, row in options.items():  # each option really changed the Q/DQ model

@@ -167,15 +167,16 @@ def test_the_gate_never_decides_on_the_images_it_reports_on(tmp_path, imagenet, 
     assert "on 48 gate decision images" in verdict
 
 
-def test_residual_adds_in_int8_through_every_int8_stage(tmp_path, imagenet):
-    """quantization.residual_adds on a small desktop-gpu build: the calibration table ranges the residual
-    Conv outputs, every residual Add of the Q/DQ ONNX and of its FP16-typed copy reads two pairs, and both
-    stages pass their drift checks."""
+def test_residual_adds_and_the_int8_head_through_every_int8_stage(tmp_path, imagenet):
+    """quantization.residual_adds and int8_head on a small desktop-gpu build: the calibration table ranges the
+    residual Conv outputs and the head's inputs, every residual Add of the Q/DQ ONNX and of its FP16-typed copy
+    reads two pairs, the pool and the Gemm read pairs and the Gemm int8 weights, and both stages pass their
+    drift checks."""
     import onnx
 
     from tests.builds import build_with_option
 
-    root, manifest, _ = build_with_option(tmp_path, imagenet, "desktop-gpu", "residual_adds: true",
+    root, manifest, _ = build_with_option(tmp_path, imagenet, "desktop-gpu", "residual_adds: true, int8_head: true",
                                        ("quantize", "quantize_fp16"))
     assert manifest["stages"]["quantize"]["drift"]["passed"] and manifest["stages"]["quantize_fp16"]["drift"]["passed"]
     table = json.loads((root / "calibrate" / "calibration.json").read_text())["tensors"]
@@ -186,6 +187,10 @@ def test_residual_adds_in_int8_through_every_int8_stage(tmp_path, imagenet):
                 and len({producers.get(i) for i in n.input} - {None}) > 0]
         residual = [n for n in adds if all(producers.get(i) == "DequantizeLinear" for i in n.input)]
         assert len(residual) == 9, (stage, len(residual))  # Lite0's 9 residual blocks
+        head = [n for n in graph.node if n.op_type in ("Gemm", "GlobalAveragePool")]
+        assert [n.op_type for n in head] == ["GlobalAveragePool", "Gemm"], stage
+        assert all(producers[name] == "DequantizeLinear" for n in head for name in n.input[:1 + (n.op_type == "Gemm")])
+    assert {"/relu6_1/Clip_output_0", "/Flatten_output_0"} <= set(table)  # the head's two inputs, ranged
     # The 9 residual Conv outputs: each its own pair, each ranged by the calibration table.
     branches = [n.input[0] for n in onnx.load(str(root / "quantize" / "model.onnx")).graph.node
                 if n.op_type == "QuantizeLinear" and n.name.endswith("_residual_QuantizeLinear")]

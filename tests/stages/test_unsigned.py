@@ -40,10 +40,18 @@ def test_never_negative_tensors_follow_relu_relu6_and_the_ops_that_keep_the_sign
         helper.make_node("Reshape", ["pool", "shape"], ["flat"]),  # its shape input is no value of the tensor
         helper.make_node("Reshape", ["clip_negative", "shape"], ["flat_negative"]),
         helper.make_node("Conv", ["padded", "w"], ["conv"]),
+        # A pair with zero point 0 keeps the sign (a pool or a head reading it); one with another zero point not.
+        helper.make_node("QuantizeLinear", ["relu", "scale", "int8_zero"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "scale", "int8_zero"], ["dq"]),
+        helper.make_node("GlobalAveragePool", ["dq"], ["pooled_dq"]),
+        helper.make_node("QuantizeLinear", ["relu", "scale", "uint8_shifted"], ["q_shifted"]),
+        helper.make_node("DequantizeLinear", ["q_shifted", "scale", "uint8_shifted"], ["dq_shifted"]),
+        helper.make_node("QuantizeLinear", ["clip_negative", "scale", "int8_zero"], ["q_negative"]),
     ], [constant("zero", 0.0), constant("six", 6.0), constant("minus_one", -1.0), constant("one", 1.0), pads,
         numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
-        numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w")])
-    assert nonnegative_tensors(graph) == {"relu", "relu6", "cat", "pool", "padded", "flat"}
+        numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w"), constant("scale", 0.1),
+        numpy_helper.from_array(np.int8(0), "int8_zero"), numpy_helper.from_array(np.uint8(128), "uint8_shifted")])
+    assert nonnegative_tensors(graph) == {"relu", "relu6", "cat", "pool", "padded", "flat", "q", "dq", "pooled_dq"}
 
 
 def test_block_pairs_on_relu_outputs_become_uint8_with_the_same_range(tmp_path):

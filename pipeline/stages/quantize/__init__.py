@@ -24,7 +24,8 @@ def stage(config) -> Stage:
                  (quantized_source(config), "calibrate", "reference"),
                  {"evaluation_images": q.evaluation_images, "decision_images": q.decision_images,
                   "bias_correction": q.bias_correction, "adaround": q.adaround,
-                  "residual_adds": q.residual_adds, "unsigned_activations": unsigned_activations(config),
+                  "residual_adds": q.residual_adds, "int8_head": q.int8_head,
+                  "unsigned_activations": unsigned_activations(config),
                   "overflow_fix": overflow_fix(config),  # resolved: auto decides by this machine's CPU
                   "judged_exactly": host_int8_saturates_tensorrt_model(config),  # GPU targets on a CPU without VNNI
                   "sensitivity_images": q.sensitivity_images,
@@ -35,7 +36,8 @@ def stage(config) -> Stage:
                  uses_calibration_images=True, uses_decision_images=True, int8=True, self_checked=True,
                  modules=("pipeline.stages.quantize.gate", "pipeline.stages.quantize.qdq", "pipeline.stages.quantize.bias",
                           "pipeline.stages.quantize.adaround", "pipeline.stages.quantize.residual",
-                          "pipeline.stages.quantize.unsigned", "pipeline.stages.quantize.int8_weights",
+                          "pipeline.stages.quantize.head", "pipeline.stages.quantize.unsigned",
+                          "pipeline.stages.quantize.int8_weights",
                           "pipeline.stages.quantize.overflow", "pipeline.stages.quantize.options", "targets.cpu_features",
                           "pipeline.stages.quantize.sensitivity", "targets.openvino", "targets.onnxruntime",
                           "pipeline.executor.work"))

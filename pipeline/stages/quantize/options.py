@@ -8,5 +8,6 @@ def qdq_options(config) -> dict:
     from pipeline.stages.quantize.overflow import overflow_fix
     from pipeline.stages.quantize.unsigned import unsigned_activations
 
-    return {"residual_adds": config.quantization.residual_adds, "unsigned": unsigned_activations(config),
+    q = config.quantization
+    return {"residual_adds": q.residual_adds, "int8_head": q.int8_head, "unsigned": unsigned_activations(config),
             "overflow_fix": overflow_fix(config)}

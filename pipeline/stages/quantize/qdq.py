@@ -31,6 +31,8 @@ Placement (the way TensorRT fuses, as NVIDIA Model Optimizer places them):
   on EfficientNet-Lite0 (minmax, 650 val images) that gave 98.0% top-1 agreement against 98.8%
   with the skip in float (`_restore_float_consumers` decides which readers keep the pair);
   `quantization.residual_adds` switches to that placement (`pipeline.stages.quantize.residual`);
+- `quantization.int8_head` quantizes the global pool's input and the Gemm/MatMul head as NNCF does
+  (`pipeline.stages.quantize.head`);
 - `exclude_nodes` leave those Convs in float: they read the float tensor and float weights.
 
 ONNX Runtime's `QDQQuantizer` writes the Q/DQ nodes; it rewires *every* consumer of a quantized
@@ -74,6 +76,7 @@ class QdqSummary:
     weight_dequantize: int  # int8 weight initializers behind a DequantizeLinear
     unsigned_pairs: int = 0  # of those, pairs on never-negative tensors in uint8 (zero point 0, scale = amax/255)
     overflow_fix_convs: int | None = None  # Convs whose weight scales `overflow_fix` widened (None: off)
+    int8_heads: int = 0  # fully-connected layers in INT8 (`int8_head`), their global pool's input too
     activation_type: str = "int8 per-tensor symmetric (zero point 0, scale = amax/127)"
     weight_type: str = "int8 per-channel symmetric (axis 0, zero point 0)"
 
@@ -85,12 +88,14 @@ class QdqSummary:
 
 
 def quantized_activations(
-    model: "onnx.ModelProto | str | os.PathLike", exclude_nodes: Sequence[str] = (), residual_adds: bool = False
+    model: "onnx.ModelProto | str | os.PathLike", exclude_nodes: Sequence[str] = (), residual_adds: bool = False,
+    int8_head: bool = False,
 ) -> list[str]:
     """The activation tensors that carry Q/DQ under our placement, in graph order.
 
-    These are the inputs of the quantized Convs, and with `residual_adds` the Conv outputs that residual
-    Adds read (`pipeline.stages.quantize.residual`): the calibration table must give a range for each.
+    These are the inputs of the quantized Convs, with `residual_adds` the Conv outputs that residual
+    Adds read (`pipeline.stages.quantize.residual`), and with `int8_head` the inputs of the global pool and
+    the fully-connected head (`pipeline.stages.quantize.head`): the calibration table must give a range for each.
     """
     graph = _load(model).graph
     _check_excluded(graph, exclude_nodes)
@@ -104,6 +109,10 @@ def quantized_activations(
 
         for _, conv_out, _ in residual_pairs(graph, {node.name for node in convs}, set(names)):
             names[conv_out] = None
+    if int8_head:
+        from pipeline.stages.quantize.head import head_tensors
+
+        names.update(dict.fromkeys(head_tensors(graph)))
     return list(names)
 
 
@@ -117,6 +126,7 @@ def write_qdq_model(
     unsigned: bool = False,
     weight_rounding: Mapping[str, np.ndarray] | None = None,
     overflow_fix: bool = False,
+    int8_head: bool = False,
 ) -> QdqSummary:
     """Write the INT8 Q/DQ model of a (simplified) FP32 ONNX, activation ranges given as amax.
 
@@ -130,6 +140,7 @@ def write_qdq_model(
     `overflow_fix`: no Conv can saturate on x86 CPUs without VNNI (`pipeline.stages.quantize.overflow`: wider
     weight scales where neighbouring weights are large); AdaRound's weights and the shifts must then have been
     measured on a model written with it too.
+    `int8_head`: the global pool and the Gemm / MatMul head in INT8 too (`pipeline.stages.quantize.head`).
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -156,6 +167,10 @@ def write_qdq_model(
 
         pairs = residual_pairs(model.graph, set(quantized), set(tensors))
         _checked_amax(amax, [conv_out for _, conv_out, _ in pairs])
+    if int8_head:
+        from pipeline.stages.quantize.head import head_tensors
+
+        _checked_amax(amax, head_tensors(model.graph))
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(-value), highest=np.float32(value))
         for name, value in _checked_amax(amax, tensors).items()
@@ -189,6 +204,13 @@ def write_qdq_model(
     _restore_float_consumers(qdq.graph, set(quantized))
     if pairs:
         place_residual_pairs(qdq, pairs, amax)
+    heads = 0
+    if int8_head:  # before make_unsigned, which turns its pairs on never-negative tensors UINT8 too
+        from pipeline.stages.quantize.head import place_head_pairs
+
+        heads = place_head_pairs(qdq, amax, pair_safe=overflow_fix)
+    # The quantizer and the placements append their nodes at the end; what follows reads the graph in order.
+    quantizer.model.topological_sort()
     unsigned_pairs = 0
     if unsigned:
         from pipeline.stages.quantize.unsigned import make_unsigned
@@ -207,7 +229,6 @@ def write_qdq_model(
         from pipeline.stages.quantize.bias import apply_shifts
 
         apply_shifts(qdq, bias_shifts, quantized)
-    quantizer.model.topological_sort()  # the quantizer appends its nodes at the end
     _drop_metadata(qdq, "onnx.infer")  # added by the shape-inference helper; not ours to ship
 
     onnx.checker.check_model(qdq)
@@ -220,6 +241,7 @@ def write_qdq_model(
         weight_dequantize=placement["weight_dequantize"],
         unsigned_pairs=unsigned_pairs,
         overflow_fix_convs=overflow,
+        int8_heads=heads,
         **({"activation_type": QdqSummary.activation_type + "; uint8 on never-negative tensors "
             "(zero point 0, scale = amax/255)"} if unsigned_pairs else {}),
     )

@@ -19,9 +19,10 @@ from typing import Mapping
 import numpy as np
 
 UINT8_MAX = 255
-# Ops whose output is >= 0 wherever their data inputs are (Pad only in constant mode with a zero value).
+# Ops whose output is >= 0 wherever their data inputs are (Pad only in constant mode with a zero value; a Q/DQ
+# pair only with zero point 0, as all of ours: a pool or a head that reads a pair then keeps the sign).
 _KEEP_SIGN = {"Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Reshape",
-              "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad"}
+              "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "QuantizeLinear", "DequantizeLinear"}
 
 
 def unsigned_activations(config) -> bool:
@@ -47,6 +48,8 @@ def nonnegative_tensors(graph) -> set[str]:
         elif node.op_type in _KEEP_SIGN and data and all(name in nonnegative for name in data):
             if node.op_type == "Pad" and not _pads_with_zero(node, constants):
                 continue
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not _zero_point_zero(node, constants):
+                continue
             nonnegative.update(node.output[:1])
     return nonnegative
 
@@ -55,6 +58,11 @@ def _pads_with_zero(node, constants: Mapping[str, np.ndarray]) -> bool:
     mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
     value = node.input[2] if len(node.input) > 2 and node.input[2] else None
     return mode == "constant" and (value is None or (value in constants and float(constants[value]) == 0.0))
+
+
+def _zero_point_zero(node, constants: Mapping[str, np.ndarray]) -> bool:
+    zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return zero is None or (zero in constants and not np.any(constants[zero]))
 
 
 def make_unsigned(model, amax: Mapping[str, float]) -> int:
