@@ -90,26 +90,17 @@ def place_head_pairs(model, amax: Mapping[str, float], pair_safe: bool = False) 
     Returns the number of heads."""
     from onnx import helper, numpy_helper
 
+    from pipeline.stages.quantize.pairs import add_pair, dequantized_outputs
+
     graph = model.graph
     heads = head_layers(graph)
-    quantized_from = {q.output[0]: q.input[0] for q in graph.node if q.op_type == "QuantizeLinear"}
-    dequantized = {quantized_from[dq.input[0]]: dq.output[0]
-                   for dq in graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] in quantized_from}
+    dequantized = dequantized_outputs(graph)
     nodes = {node.name: node for node in graph.node}
     initializers = {init.name: init for init in graph.initializer}
 
-    def pair_of(tensor: str) -> str:
+    def pair_of(tensor: str) -> str:  # the tensor's own pair, or a new one
         if tensor not in dequantized:
-            scale, zero = f"{tensor}_head_scale", f"{tensor}_head_zero_point"
-            graph.initializer.extend([numpy_helper.from_array(np.array(amax[tensor] / INT8_MAX, np.float32), scale),
-                                      numpy_helper.from_array(np.array(0, np.int8), zero)])
-            graph.node.extend([
-                helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{tensor}_head_q"],
-                                 name=f"{tensor}_head_QuantizeLinear"),
-                helper.make_node("DequantizeLinear", [f"{tensor}_head_q", scale, zero], [f"{tensor}_head_dq"],
-                                 name=f"{tensor}_head_DequantizeLinear"),
-            ])
-            dequantized[tensor] = f"{tensor}_head_dq"
+            dequantized[tensor] = add_pair(graph, tensor, amax[tensor], "head")
         return dequantized[tensor]
 
     for head in heads:

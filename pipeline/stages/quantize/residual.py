@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
-
 
 def residual_pairs(graph, quantized_convs: set[str], quantized_tensors: set[str]) -> list[tuple[str, str, str]]:
     """(Add node, Conv output, skip tensor) of every Add that reads a quantized Conv's output (read by the Add
@@ -39,23 +37,13 @@ def residual_pairs(graph, quantized_convs: set[str], quantized_tensors: set[str]
 def place_residual_pairs(model, pairs: list[tuple[str, str, str]], amax: Mapping[str, float]) -> None:
     """Rewire each Add of `pairs` to read both inputs through Q/DQ (in place): the skip through its existing
     pair, the Conv output through a new one (symmetric INT8, scale = amax / 127, zero point 0)."""
-    from onnx import helper, numpy_helper
+    from pipeline.stages.quantize.pairs import add_pair, dequantized_outputs
 
     graph = model.graph
-    quantized_from = {q.output[0]: q.input[0] for q in graph.node if q.op_type == "QuantizeLinear"}
-    dequantized = {quantized_from[dq.input[0]]: dq.output[0]
-                   for dq in graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] in quantized_from}
+    dequantized = dequantized_outputs(graph)
     adds = {node.name: node for node in graph.node}
     for add_name, conv_out, skip in pairs:
-        scale, zero = f"{conv_out}_residual_scale", f"{conv_out}_residual_zero_point"
-        graph.initializer.extend([numpy_helper.from_array(np.array(amax[conv_out] / 127, np.float32), scale),
-                                  numpy_helper.from_array(np.array(0, np.int8), zero)])
-        graph.node.extend([
-            helper.make_node("QuantizeLinear", [conv_out, scale, zero], [f"{conv_out}_residual_q"],
-                             name=f"{conv_out}_residual_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{conv_out}_residual_q", scale, zero], [f"{conv_out}_residual_dq"],
-                             name=f"{conv_out}_residual_DequantizeLinear"),
-        ])
+        branch = add_pair(graph, conv_out, amax[conv_out], "residual")
         add = adds[add_name]
         add.input[list(add.input).index(skip)] = dequantized[skip]
-        add.input[list(add.input).index(conv_out)] = f"{conv_out}_residual_dq"
+        add.input[list(add.input).index(conv_out)] = branch
