@@ -4,8 +4,9 @@ Our default keeps the global pooling and the fully-connected head in float: the 
 rounding of their own. NNCF quantizes both: the global pool reads its input through a pair (OpenVINO then
 has the last Conv write u8 and pools in u8), and the Gemm / MatMul reads its input through a pair and takes
 int8 weights, per output channel. With this option our Q/DQ model does the same, from the same calibration
-table (the calibrate stage then also ranges the pool's input and the head's input): on EfficientNet-Lite0
-the head's float layers were most of what kept our IR slower than NNCF's (docs/results.md).
+table (the calibrate stage then also ranges the pool's input and the head's input). On EfficientNet-Lite0
+the float head was one of the two differences between our IR and NNCF's, the float residual Adds the other
+(`quantization.residual_adds`; docs/results.md).
 
 A head is a Gemm (not transposing its input) or a MatMul whose second input is a 2-D constant: every
 fully-connected layer of the graph. Its weights are written here rather than by ONNX Runtime's quantizer,
