@@ -107,3 +107,26 @@ def test_a_conv_without_bias_gets_one(tmp_path):
     bias = next(i for i in model.graph.initializer if i.name == node.input[2])
     np.testing.assert_array_equal(numpy_helper.to_array(bias), [-1.0, -2.0, -3.0])
     assert apply_shifts(model, {"conv": np.zeros(3, np.float32)}, []) == 0  # not quantized: left alone
+
+
+def test_weights_from_constant_nodes_are_corrected_too(tmp_path):
+    """onnxsim leaves Inception-ResNet's residual projection weights as Constant nodes (the block graph's conv_b):
+    their shift is measured like any other's (a default Inception-ResNet-v2 build failed here with a KeyError)."""
+    from tests.stages.test_quantize import block_graph, minmax_amax
+
+    path = tmp_path / "block.onnx"
+    model = block_graph()
+    onnx.save(model, str(path))
+    images = np.random.default_rng(1).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    write_qdq_model(path, minmax_amax(path, images), tmp_path / "qdq.onnx")
+    shifts = weight_rounding_shifts(path, tmp_path / "qdq.onnx", batches(images), threads=2)
+    assert set(shifts) == {"stem", "conv_a", "conv_b", "conv_c"}
+    # conv_b is a 1x1 Conv of t = Relu(stem): its shift is the mean over pixels of (Wq - W) applied to t.
+    constant = next(node for node in model.graph.node if node.op_type == "Constant")
+    w = numpy_helper.to_array(constant.attribute[0].t)
+    qdq = onnx.load(str(tmp_path / "qdq.onnx"))
+    delta = _int8_weights(qdq, {"w_b": w}, {"conv_b": next(n for n in model.graph.node if n.name == "conv_b")})["conv_b"]
+    t = np.concatenate([TensorReader(path, ["t"], 2).run(batch)[0] for batch in batches(images)])
+    expected = np.einsum("oi,nihw->o", delta[:, :, 0, 0], t) / (len(t) * t.shape[2] * t.shape[3])
+    np.testing.assert_allclose(shifts["conv_b"], expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(shifts["conv_b"]).max() > 0

@@ -151,14 +151,9 @@ def apply_rounding(model, rounding: Mapping[str, np.ndarray], quantized: Sequenc
 def _int8_layers(qdq, fp32) -> dict[str, dict]:
     """Per INT8 Conv (weights behind an int8 DequantizeLinear): FP32 weights and bias, the per-channel scale,
     the nearest int8 weights, the Conv node, its activation (Relu/Clip when it is the output's only reader)."""
-    from onnx import numpy_helper
+    from pipeline.stages.quantize.int8_weights import fp32_constants, int8_conv_weights
 
-    from pipeline.stages.quantize.int8_weights import int8_conv_weights
-
-    fp32_init = {init.name: numpy_helper.to_array(init) for init in fp32.graph.initializer}
-    for node in fp32.graph.node:  # Clip bounds come as Constant nodes in the exported graph
-        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
-            fp32_init[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    fp32_init = fp32_constants(fp32)  # Clip bounds and Inception-ResNet's projection weights are Constant nodes
     convs = {node.name: node for node in fp32.graph.node if node.op_type == "Conv"}
     readers: dict[str, list] = {}
     for node in fp32.graph.node:

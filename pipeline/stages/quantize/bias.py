@@ -33,12 +33,12 @@ def weight_rounding_shifts(fp32_onnx: str | os.PathLike, qdq_onnx: str | os.Path
     in the FP32 model over `batches` (normalised NCHW float32)."""
     import onnx
     import torch
-    from onnx import numpy_helper
 
     from calibration.statistics import TensorReader
+    from pipeline.stages.quantize.int8_weights import fp32_constants
 
     fp32, qdq = onnx.load(str(fp32_onnx)), onnx.load(str(qdq_onnx))
-    fp32_weights = {init.name: numpy_helper.to_array(init) for init in fp32.graph.initializer}
+    fp32_weights = fp32_constants(fp32)  # Inception-ResNet's projection weights are Constant nodes
     convs = {node.name: node for node in fp32.graph.node if node.op_type == "Conv"}
     deltas = {name: delta for name, delta in _int8_weights(qdq, fp32_weights, convs).items() if delta.ndim == 4}
     if not deltas:

@@ -1,4 +1,5 @@
-"""The int8 weights of a Q/DQ model's Convs, as `qdq` writes them: what bias correction and AdaRound read back.
+"""The int8 weights of a Q/DQ model's Convs, as `qdq` writes them: what bias correction and AdaRound read back,
+and the FP32 model's constants they compare them with.
 
 (A module of its own: `qdq` imports both of those, so neither may import `qdq`.)
 """
@@ -30,3 +31,16 @@ def int8_conv_weights(qdq_model: "onnx.ModelProto", conv_names) -> dict[str, tup
         found[node.name] = (numpy_helper.to_array(initializers[dq.input[0]]),
                             numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32))
     return found
+
+
+def fp32_constants(model: "onnx.ModelProto") -> dict[str, np.ndarray]:
+    """Every constant tensor of an FP32 model by name: its initializers and its Constant nodes (onnxsim leaves
+    Inception-ResNet's residual projection weights, the residual scale folded in, and the Clip bounds as
+    Constant nodes; `write_qdq_model` makes them initializers of the Q/DQ model under the same names)."""
+    from onnx import numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return constants
